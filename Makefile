@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: test demo bench lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	# torch first, the local CPU build; then nothing in the package can swap it for a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,deepspeed]'
+	$(BIN)/python -c "import torch, sys; print('torch', torch.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check anymodal tests benchmarks
+
+test: $(STAMP) lint
+	# pytest exit code 5 (no tests collected) is a failure, like any other non-zero code.
+	$(BIN)/python -m pytest -q -x --durations=15
+
+demo: $(STAMP)
+	$(BIN)/anymodal demo --out checkpoints/demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) checkpoints/demo
