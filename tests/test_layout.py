@@ -1,0 +1,29 @@
+"""The repository layout promises of docs/design.md."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tokenizers_folder_holds_no_python():
+    assert not list((ROOT / "tokenizers").rglob("*.py"))
+
+
+def test_hf_tokenizers_is_not_shadowed_from_the_repo_root():
+    code = (
+        "import tokenizers, transformers, sys;"
+        "assert 'site-packages' in tokenizers.__file__, tokenizers.__file__;"
+        "from tokenizers import Tokenizer; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_cli_help_lists_the_commands():
+    from anymodal.cli import OVERVIEW
+
+    for cmd in ("fit", "validate", "test", "eval", "export", "generate", "demo"):
+        assert f"  {cmd} " in OVERVIEW
