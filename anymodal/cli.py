@@ -25,6 +25,7 @@ training (LightningCLI; compose recipes with a repeated --config):
 
 other commands:
   eval       evaluate a trained tokenizer or bundle (anymodal eval --help)
+  text-tokenizer  train a byte-level BPE on a source's text
   export     turn a training checkpoint into an inference bundle
   generate   sample: t2i, edit, caption, vqa, story (anymodal generate --help)
   demo       train and evaluate everything on built-in data (what `make demo` runs)
@@ -67,14 +68,11 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     from rich.table import Table
 
     if ns.what == "tokenizer":
-        from anymodal.data.digits import DigitsSource
-        from anymodal.data.shapes import ShapesWorld
         from anymodal.evaluate.reconstruction import evaluate_image_tokenizer
         from anymodal.tokenizers.image import load_image_tokenizer
 
         tok = load_image_tokenizer(ns.tokenizer)
-        source = (ShapesWorld(size=ns.size, seed=ns.seed) if ns.source == "shapes"
-                  else DigitsSource(size=ns.size, seed=ns.seed))
+        source = build_source(ns.source, seed=ns.seed, size=ns.size)
         metrics = evaluate_image_tokenizer(tok, source, n=ns.n)
         table = Table(title=f"{ns.tokenizer} on {ns.source} (n={ns.n}, seed={ns.seed})")
         table.add_column("metric")
@@ -87,14 +85,55 @@ def cmd_eval(ns: argparse.Namespace) -> None:
                 json.dump(metrics, f, indent=2)
 
 
+def _text_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("text-tokenizer", help="train a byte-level BPE text tokenizer on a source's text")
+    p.add_argument("--source", default="shapes",
+                   help="shapes, digits, or a JSONL manifest path (its Text segments are used)")
+    p.add_argument("--out", required=True, help="folder to write (a Hugging Face tokenizer folder)")
+    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size, specials included")
+    p.add_argument("--documents", type=int, default=20000, help="number of documents to read")
+    p.add_argument("--seed", type=int, default=0, help="seed of the source")
+
+
+def cmd_text_tokenizer(ns: argparse.Namespace) -> None:
+    import itertools
+
+    from anymodal.data.document import Text
+    from anymodal.tokenizers.text import train_text_tokenizer
+
+    source = build_source(ns.source, seed=ns.seed)
+    texts = (s.text for d in itertools.islice(iter(source), ns.documents) for s in d.segments if isinstance(s, Text))
+    tok = train_text_tokenizer(texts, vocab_size=ns.vocab_size)
+    tok.save(ns.out)
+    print(f"wrote {ns.out}: {len(tok)} ids (specials {tok.special_ids})")
+
+
+def build_source(name: str, seed: int = 0, size: int = 32):
+    """A built-in source by name ('shapes', 'digits') or a JSONL manifest path."""
+    if name == "shapes":
+        from anymodal.data.shapes import ShapesWorld
+
+        return ShapesWorld(size=size, seed=seed)
+    if name == "digits":
+        from anymodal.data.digits import DigitsSource
+
+        return DigitsSource(size=size, seed=seed)
+    if name.endswith(".jsonl"):
+        from anymodal.data.jsonl import JsonlSource
+
+        return JsonlSource(name, image_size=size)
+    raise SystemExit(f"unknown source {name!r}: use shapes, digits, or a path to a .jsonl manifest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anymodal", description="Train and sample unified any-to-any generators.")
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
+    _text_tokenizer_parser(sub)
     return parser
 
 
-COMMANDS = {"eval": cmd_eval}
+COMMANDS = {"eval": cmd_eval, "text-tokenizer": cmd_text_tokenizer}
 
 
 def main(argv: list[str] | None = None) -> None:
