@@ -25,3 +25,38 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+TEXT_TOKENIZER = str(ROOT / "tokenizers" / "shapes-text")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    """Tiny untrained image tokenizer folders: {'discrete': VQ-VAE (8x8 codes of 64), 'continuous': VAE (4x8x8)}."""
+    from anymodal.tokenizers.image import save_image_tokenizer
+    from anymodal.tokenizers.vae import VAE, VAEConfig
+    from anymodal.tokenizers.vqvae import VQVAE, VQVAEConfig
+
+    root = tmp_path_factory.mktemp("image_tokenizers")
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(channels=16, max_channels=32, codebook_size=64, kmeans_init=False))
+    vae = VAE(VAEConfig(block_out_channels=[16, 32, 32], norm_num_groups=8))
+    return {"discrete": str(save_image_tokenizer(vq, root / "vq")),
+            "continuous": str(save_image_tokenizer(vae, root / "vae"))}
+
+
+@pytest.fixture
+def make_system(tokenizer_dirs):
+    """Factory: a debug-size UnifiedSystem for 'discrete' or 'continuous', with its model built."""
+    from anymodal.systems.unified import UnifiedSystem
+
+    def make(path: str, **overrides):
+        kwargs = dict(text_tokenizer=TEXT_TOKENIZER, image_tokenizer=tokenizer_dirs[path], size="debug",
+                      warmup_steps=2, ema_decay=0.0)
+        kwargs.update(overrides)
+        system = UnifiedSystem(**kwargs)
+        system.configure_model()
+        return system
+
+    return make

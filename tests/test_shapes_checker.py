@@ -1,0 +1,162 @@
+"""The shapes checker scores 1.0 on ground truth and catches every kind of mistake."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from anymodal.data.images import pixels_from_array
+from anymodal.data.shapes import (
+    CELL_NAMES,
+    COLORS,
+    Obj,
+    Scene,
+    ShapesWorld,
+    caption,
+    random_edit,
+    random_scene,
+    render,
+)
+from anymodal.evaluate.shapes import METRICS, ShapesScorer, parse_caption, parse_image
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_ground_truth_scores_one_on_every_metric(size):
+    world = ShapesWorld(size=size, seed=size, holdout=["red circle"], split="all")
+    rng = np.random.default_rng(size)
+    scorer = ShapesScorer()
+    for _ in range(150):
+        doc = world.document("t2i", rng)
+        scorer.add_t2i(doc.meta["scenes"][0], doc.images[0].pixels, heldout=doc.meta["heldout"])
+    for _ in range(60):
+        doc = world.document("edit", rng)
+        scorer.add_edit(doc.meta["scenes"][1], doc.images[1].pixels, heldout=doc.meta["heldout"])
+        doc = world.document("caption", rng)
+        scorer.add_caption(doc.meta["scenes"][0], doc.texts[0].text, heldout=doc.meta["heldout"])
+        doc = world.document("vqa", rng)
+        scorer.add_vqa(doc.meta["answer"], doc.texts[1].text, heldout=doc.meta["heldout"])
+    for _ in range(30):
+        doc = world.document("story", rng)
+        scorer.add_story(doc.meta["scenes"], [i.pixels for i in doc.images], heldout=doc.meta["heldout"])
+    table = scorer.scores()
+    assert set(table) == {"seen", "heldout", "all"}
+    for group in ("seen", "heldout", "all"):
+        assert all(table[group][m] == 1.0 for m in METRICS), table[group]
+    assert table["all"]["n_t2i"] == 150 and table["all"]["n_story"] == 30
+    assert table["seen"]["n_t2i"] + table["heldout"]["n_t2i"] == 150
+    assert table["heldout"]["n_t2i"] > 0
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_parse_image_reads_uint8_and_float_renders(size):
+    rng = np.random.default_rng(100 + size)
+    for _ in range(100):
+        scene = random_scene(rng)
+        img = render(scene, size, rng)
+        assert parse_image(img) == scene
+        assert parse_image(pixels_from_array(img)) == scene
+
+
+def test_checker_catches_mistakes():
+    scene = Scene((Obj("red", "circle", 0), Obj("blue", "square", 4), Obj("green", "triangle", 8)))
+    rng = np.random.default_rng(0)
+    wrong = {
+        "wrong color": Scene(
+            (Obj("purple", "circle", 0), Obj("blue", "square", 4), Obj("green", "triangle", 8))
+        ),
+        "wrong shape": Scene(
+            (Obj("red", "square", 0), Obj("blue", "square", 4), Obj("green", "triangle", 8))
+        ),
+        "moved": Scene((Obj("red", "circle", 1), Obj("blue", "square", 4), Obj("green", "triangle", 8))),
+        "missing": Scene((Obj("red", "circle", 0), Obj("blue", "square", 4))),
+        "extra": Scene(scene.objects + (Obj("yellow", "circle", 2),)),
+    }
+    scorer = ShapesScorer()
+    for name, other in wrong.items():
+        image = render(other, 32, rng)
+        assert parse_image(image) == other, name
+        assert not scorer.add_t2i(scene, image), name
+        assert not scorer.add_edit(scene, image), name
+    row = scorer.scores()["seen"]
+    assert row["t2i_exact"] == 0.0 and row["edit_exact"] == 0.0
+    # prompt objects found per image (wrong color, wrong shape, moved, missing, extra), out of 3 each
+    assert math.isclose(row["t2i_object"], (2 + 2 + 3 + 2 + 3) / 15)  # color and shape right
+    assert math.isclose(row["t2i_position"], (2 + 2 + 2 + 2 + 3) / 15)  # and the cell
+    assert math.isclose(row["t2i_count"], 3 / 5)
+    assert math.isnan(scorer.scores()["heldout"]["t2i_exact"])
+
+
+def test_checker_ignores_noise_and_blank_images():
+    blank = np.full((32, 32, 3), 255, dtype=np.uint8)
+    assert parse_image(blank) == Scene(())
+    noisy = render(Scene((Obj("red", "square", 4),)), 32)
+    noisy[2, 2] = COLORS["blue"]  # a stray pixel is noise
+    noisy[30, 29:31] = COLORS["green"]
+    assert parse_image(noisy) == Scene((Obj("red", "square", 4),))
+    gray = np.full((32, 32, 3), 128, dtype=np.uint8)  # far from every palette color
+    assert parse_image(gray) == Scene(())
+    assert parse_image(torch.ones(3, 32, 32)) == Scene(())
+    with pytest.raises(ValueError, match="uint8"):
+        parse_image(np.zeros((32, 32, 3), dtype=np.float32))
+
+
+def test_story_scoring_needs_every_image():
+    world = ShapesWorld(seed=1)
+    rng = np.random.default_rng(0)
+    doc = world.document("story", rng)
+    images = [i.pixels for i in doc.images]
+    scorer = ShapesScorer()
+    assert scorer.add_story(doc.meta["scenes"], images)
+    assert not scorer.add_story(doc.meta["scenes"], images[:-1])
+    broken = list(images)
+    broken[-1] = torch.ones_like(broken[-1])
+    assert not scorer.add_story(doc.meta["scenes"], broken)
+    assert math.isclose(scorer.scores()["all"]["story_exact"], 1 / 3)
+
+
+def test_parse_caption_round_trips_in_any_order():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        scene = random_scene(rng)
+        text = caption(scene)
+        assert parse_caption(text) == scene
+        assert parse_caption(text + ".") == scene
+        items = [f"a {o.color} {o.shape} at the {CELL_NAMES[o.cell]}" for o in scene]
+        shuffled = [items[i] for i in rng.permutation(len(items))]
+        assert parse_caption(" and ".join(shuffled)) == scene
+        assert parse_caption(", ".join(shuffled)) == scene
+        _, edited = random_edit(scene, rng)
+        assert parse_caption(caption(edited)) != scene
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a pink circle at the top left",
+        "a red hexagon at the top left",
+        "a red circle at the middle",
+        "a red circle",
+        "the red circle at the top left",
+        "a red circle at the top left and",
+        "a red circle at the top left and a blue square at the top left",  # shared cell
+        "a red circle at the top left and a red circle at the center",  # shared pair
+        "a red circle at the top, a red square at the left, a red triangle at the right and a blue circle at the center",
+    ],
+)
+def test_parse_caption_rejects_wrong_captions(text):
+    assert parse_caption(text) is None
+
+
+def test_vqa_and_caption_scoring():
+    scorer = ShapesScorer()
+    scene = Scene((Obj("red", "circle", 0),))
+    assert scorer.add_vqa("two", " Two. ")
+    assert not scorer.add_vqa("two", "three")
+    assert scorer.add_caption(scene, "a red circle at the top left")
+    assert not scorer.add_caption(scene, "a red circle at the top")
+    assert scorer.add_caption(scene, "a red circle at the top left", heldout=True)
+    row = scorer.scores()
+    assert row["seen"]["vqa_acc"] == 0.5 and row["seen"]["caption_exact"] == 0.5
+    assert row["heldout"]["caption_exact"] == 1.0 and row["all"]["n_caption"] == 3
