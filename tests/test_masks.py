@@ -89,6 +89,23 @@ def test_dense_mask_matches_reference_on_random_layouts():
     assert checked >= 200
 
 
+def test_dense_mask_equals_create_mask_of_the_same_mask_mod():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from anymodal.masks import mask_mod
+
+    rng = random.Random(1)
+    for _ in range(10):
+        length = rng.randint(4, 40)
+        ids = [ids_from_layout(random_layout(rng, length), length) for _ in range(4)]
+        document_ids = torch.stack([d for d, _ in ids])
+        image_ids = torch.stack([i for _, i in ids])
+        for q_offset in (0, length // 2):
+            q_len = length - q_offset
+            expected = create_mask(mask_mod(document_ids, image_ids, q_offset), 4, 1, q_len, length, device="cpu")
+            assert torch.equal(dense_mask(document_ids, image_ids, q_offset=q_offset), expected)
+
+
 @pytest.mark.parametrize(
     "docs",
     [

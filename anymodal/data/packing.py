@@ -1,0 +1,86 @@
+"""Packing: several encoded documents per fixed-length row, each with its own positions.
+
+Rows never split a document. Documents never attend across their boundaries (the mask uses the
+DOCUMENT spans written here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from anymodal.batch import DOCUMENT, NO_SPAN, Batch
+from anymodal.data.document import Image
+from anymodal.data.sequence import EncodedDocument
+
+TASK_INDEX = {t: i for i, t in enumerate(("t2i", "caption", "vqa", "edit", "story", "text"))}
+
+
+def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int) -> Iterator[list[list[EncodedDocument]]]:
+    """Group a stream of documents into lists of `rows` rows, each row at most `seq_len` tokens."""
+    batch: list[list[EncodedDocument]] = []
+    row: list[EncodedDocument] = []
+    used = 0
+    for doc in docs:
+        if len(doc) > seq_len:
+            raise ValueError(f"a {doc.task} document of {len(doc)} tokens does not fit seq_len={seq_len}; "
+                             f"raise seq_len in the recipe or use smaller images")
+        if used + len(doc) > seq_len:
+            batch.append(row)
+            row, used = [], 0
+            if len(batch) == rows:
+                yield batch
+                batch = []
+        row.append(doc)
+        used += len(doc)
+    if row:
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def collate_rows(rows: list[list[EncodedDocument]], seq_len: int, pad_id: int) -> Batch:
+    """Build a Batch from rows of encoded documents (padding at the end of each row)."""
+    B = len(rows)
+    tokens = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, seq_len), dtype=torch.bool)
+    n_spans = max(sum(1 + len(d.spans) for d in row) for row in rows)
+    spans = torch.full((B, n_spans, 3), NO_SPAN, dtype=torch.long)
+    image_index = torch.full((B, n_spans), -1, dtype=torch.long)
+    task_ids = torch.full((B, n_spans), -1, dtype=torch.long)
+    images: list[Image] = []
+    noised: list[bool] = []
+    visible: list[bool] = []
+    for r, row in enumerate(rows):
+        off, m = 0, 0
+        for d in row:
+            n = len(d)
+            tokens[r, off:off + n] = torch.tensor(d.tokens)
+            loss_mask[r, off:off + n] = torch.tensor(d.loss_mask)
+            spans[r, m] = torch.tensor([DOCUMENT, off, n])
+            task_ids[r, m] = TASK_INDEX[d.task]
+            m += 1
+            for (kind, o, length), img, nz, vis in zip(d.spans, d.images, d.noised, d.visible):
+                spans[r, m] = torch.tensor([kind, off + o, length])
+                image_index[r, m] = len(images)
+                images.append(img)
+                noised.append(nz)
+                visible.append(vis)
+                m += 1
+            off += n
+    stacked, kind = stack_images(images)
+    return Batch(tokens=tokens, loss_mask=loss_mask, spans=spans, image_index=image_index, images=stacked,
+                 image_kind=kind, noised=torch.tensor(noised, dtype=torch.bool),
+                 visible=torch.tensor(visible, dtype=torch.bool), task_ids=task_ids)
+
+
+def stack_images(images: list[Image]) -> tuple[torch.Tensor | None, str]:
+    """Stack the images of a batch in one representation: latents, codes, or pixels (first that all share)."""
+    if not images:
+        return None, "pixels"
+    for kind in ("latents", "codes", "pixels"):
+        if all(getattr(im, kind) is not None for im in images):
+            return torch.stack([getattr(im, kind) for im in images]), kind
+    raise ValueError("a batch mixes pre-encoded and raw images; encode every source the same way "
+                     "(all pixels, or all codes/latents from `anymodal encode`)")

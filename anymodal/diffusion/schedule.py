@@ -1,0 +1,109 @@
+"""Noise schedules for the continuous image path, on top of diffusers schedulers.
+
+The network never draws timesteps or adds noise; an objective does, with a few verbs:
+  noise(x0)                      -> NoisedLatents(x_t, timesteps, target) for training
+  make_sampler(steps)            -> a diffusers scheduler with `set_timesteps` done
+  step(sampler, pred, t, x_t)    -> the next, less noisy latents
+Timesteps handed to the network are floats in [0, num_train_timesteps]; 0 means clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+
+@dataclass
+class NoisedLatents:
+    """x_t: (N, C, h, w) noised latents; timesteps: (N,) float; target: (N, C, h, w) what the net predicts."""
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+class FlowMatching:
+    """Rectified flow: x_t = (1 - s) x0 + s noise, the network predicts the velocity noise - x0.
+
+    Sampling uses diffusers' FlowMatchEulerDiscreteScheduler.
+    """
+
+    prediction = "velocity"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, logit_normal: bool = True) -> None:
+        """
+        Args:
+            num_train_timesteps: scale of the timestep handed to the network (sigma * this).
+            shift: timestep shift of the sampler (SD3-style); 1.0 = none.
+            logit_normal: draw training sigmas from a logit-normal (favours mid noise levels) instead of uniform.
+        """
+        self.num_train_timesteps, self.shift, self.logit_normal = num_train_timesteps, shift, logit_normal
+
+    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> NoisedLatents:
+        n = x0.shape[0]
+        if self.logit_normal:
+            sigma = torch.sigmoid(torch.randn(n, generator=generator, device="cpu")).to(x0.device)
+        else:
+            sigma = torch.rand(n, generator=generator, device="cpu").to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        s = sigma.view(-1, 1, 1, 1).to(x0.dtype)
+        x_t = (1 - s) * x0 + s * noise  # the same formula as FlowMatchEulerDiscreteScheduler.scale_noise
+        return NoisedLatents(x_t, sigma * self.num_train_timesteps, noise - x0)
+
+    def make_sampler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        sched.set_timesteps(steps)
+        return sched
+
+    def step(self, sampler, pred: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        return sampler.step(pred, t, x_t, generator=generator).prev_sample
+
+
+class DDPM:
+    """Noise prediction with a DDPM training schedule; sampling with DDIM (default) or DDPM."""
+
+    prediction = "epsilon"
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                 sampler: str = "ddim") -> None:
+        """
+        Args:
+            num_train_timesteps: length of the training noise schedule.
+            beta_schedule: diffusers beta schedule name ("linear", "scaled_linear", "squaredcos_cap_v2").
+            sampler: "ddim" (deterministic, few steps) or "ddpm" (ancestral).
+        """
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler={sampler!r} must be 'ddim' or 'ddpm'")
+        self.num_train_timesteps, self.beta_schedule, self.sampler = num_train_timesteps, beta_schedule, sampler
+        self.train_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                             clip_sample=False)
+
+    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> NoisedLatents:
+        n = x0.shape[0]
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        x_t = self.train_scheduler.add_noise(x0, noise, t)
+        return NoisedLatents(x_t, t.float(), noise)
+
+    def make_sampler(self, steps: int):
+        cls = DDIMScheduler if self.sampler == "ddim" else DDPMScheduler
+        sched = cls(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                    clip_sample=False)
+        sched.set_timesteps(steps)
+        return sched
+
+    def step(self, sampler, pred: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        return sampler.step(pred, t, x_t, generator=generator).prev_sample
+
+
+def build_objective(name: str, **kwargs) -> FlowMatching | DDPM:
+    """'flow' (velocity, the default) or 'ddpm' (noise prediction)."""
+    if name == "flow":
+        return FlowMatching(**kwargs)
+    if name == "ddpm":
+        return DDPM(**kwargs)
+    raise ValueError(f"objective={name!r} must be 'flow' or 'ddpm'")

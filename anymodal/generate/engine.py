@@ -1,0 +1,324 @@
+"""One decoding engine for every task and both image paths.
+
+The engine holds a batch of sequences, left-padded to a shared end, as rows `branches x B` (branch-major:
+the conditional rows first, then one block of rows per guidance branch). The prompt is prefilled once into
+a KV cache; after that:
+
+- text: one token per forward (greedy, temperature, top-k, top-p, stop strings); all branches receive
+  the conditional branch's token;
+- discrete image: `<boi>`, then exactly N codes (logits restricted to the codebook, guided across branches),
+  then `<eoi>`;
+- continuous image: `<boi>`, then K denoising steps that each run only the image's N patch slots against
+  the cache (peek: the cache is not written), bidirectional within the image; the final clean latents are
+  run once more to enter the cache, then `<eoi>`, so text can follow.
+
+With `use_cache=False` every forward recomputes the whole sequence: the reference the tests hold the
+cached path to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from anymodal.data.sequence import EncodedDocument
+from anymodal.masks import AttentionMask, build_attention_mask
+from anymodal.model.unified import ContinuousInput, UnifiedModel
+from anymodal.tokenizers.text import TextTokenizer
+
+
+@dataclass
+class TextSampling:
+    """How text is decoded."""
+
+    temperature: float = 0.0
+    """Softmax temperature; 0 decodes greedily."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p (1 = all)."""
+    max_new_tokens: int = 48
+    """Most tokens generated before stopping."""
+    stop: tuple[str, ...] = ()
+    """Stop once the generated text ends with one of these strings."""
+
+
+@dataclass
+class ImageSampling:
+    """How images are generated."""
+
+    steps: int = 25
+    """Denoising steps (continuous path)."""
+    cfg: float = 3.0
+    """Guidance scale of the text condition (1 = no guidance)."""
+    cfg_image: float = 1.5
+    """Guidance scale of the source image (editing; 1 = no guidance)."""
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    """Apply guidance only on this fraction of the trajectory (0 = first, noisiest step; 1 = end)."""
+    temperature: float = 1.0
+    """Temperature of code sampling (discrete path); 0 = greedy."""
+    top_k: int = 0
+    """Top-k of code sampling (discrete path); 0 = all codes."""
+
+
+@dataclass
+class EngineStats:
+    """Positions processed by each forward pass, and which of them were denoising steps."""
+
+    forwards: list[int] = field(default_factory=list)
+    denoise_forwards: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Continuous:
+    row: int
+    start: int
+    latents: torch.Tensor  # (C, h, w)
+    timestep: float
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """(R,) ids drawn from (R, V) logits (greedy when temperature is 0); one generator per row."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the first token always
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1).cpu()
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1).to(logits.device)
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
+    ids = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(ids).to(logits.device)
+
+
+def guide(pred: torch.Tensor, scales: list[float]) -> torch.Tensor:
+    """Classifier-free guidance over branches: pred (branches, B, ...) -> (B, ...).
+
+    cond + sum_i (w_i - 1) * (cond - branch_i): two branches give uncond + w (cond - uncond); every
+    scale 1 gives the conditional branch exactly.
+    """
+    cond = pred[0]
+    out = cond
+    for i, w in enumerate(scales, start=1):
+        if w != 1.0:
+            out = out + (w - 1.0) * (cond - pred[i])
+    return out
+
+
+class Engine:
+    """A batch of sequences being generated, with its KV cache."""
+
+    def __init__(self, model: UnifiedModel, text: TextTokenizer, objective=None, use_cache: bool = True) -> None:
+        self.model, self.text, self.objective, self.use_cache = model, text, objective, use_cache
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ state
+    @torch.no_grad()
+    def start(self, prompts: list[EncodedDocument], branches: int = 1) -> None:
+        """Prefill `prompts` (R = branches * B of them, branch-major), left-padded to one length."""
+        if len(prompts) % branches:
+            raise ValueError(f"{len(prompts)} prompts do not split into {branches} guidance branches")
+        self.branches, self.B = branches, len(prompts) // branches
+        limit = self.config.arch.max_seq_len
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise ValueError(f"the prompt is {longest} tokens long but the model's context is {limit}; "
+                             f"shorten the prompt")
+        R, T = len(prompts), longest
+        self.ids = torch.full((R, T), self.text.pad_id, dtype=torch.long)
+        self.doc = torch.full((R, T), -1, dtype=torch.long)
+        self.cont = torch.full((R, T), -1, dtype=torch.long)
+        self.pos = torch.zeros((R, T), dtype=torch.long)
+        self.images: list[_Continuous] = []
+        self.next_image = 0
+        for r, p in enumerate(prompts):
+            pad = T - len(p)
+            self.ids[r, pad:] = torch.tensor(p.tokens)
+            self.doc[r, pad:] = 0
+            self.pos[r, pad:] = torch.arange(len(p))
+            for (_kind, off, length), image in zip(p.spans, p.images):
+                if self.config.path == "discrete":
+                    if image.codes is None:
+                        raise ValueError("a prompt image must be encoded to codes before sampling")
+                    self.ids[r, pad + off:pad + off + length] = image.codes.reshape(-1).cpu() + self.config.code_offset
+                else:
+                    if image.latents is None:
+                        raise ValueError("a prompt image must be encoded to latents before sampling")
+                    self.cont[r, pad + off:pad + off + length] = self.next_image
+                    self.images.append(_Continuous(r, pad + off, image.latents.to(self.device), 0.0))
+                    self.next_image += 1
+        self.ids, self.doc, self.cont, self.pos = (t.to(self.device) for t in (self.ids, self.doc, self.cont, self.pos))
+        self.cache = self.model.decoder.new_cache() if self.use_cache else None
+        self.length = 0
+        self.last_hidden = self._run(T, write=True)[:, -1]  # (R, D)
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
+
+    def _append(self, ids: torch.Tensor, image: int = -1) -> int:
+        """Append columns ids (R, n); returns the index of the first new column."""
+        R, n = ids.shape
+        start = self.seq_len
+        if start + n > self.config.arch.max_seq_len:
+            raise ValueError(f"generation reached the model's context of {self.config.arch.max_seq_len} tokens")
+        last = self.pos[:, -1:]
+        self.ids = torch.cat([self.ids, ids.to(self.device)], 1)
+        self.doc = torch.cat([self.doc, torch.zeros_like(ids, device=self.device)], 1)
+        self.cont = torch.cat([self.cont, torch.full_like(ids, image, device=self.device)], 1)
+        self.pos = torch.cat([self.pos, last + torch.arange(1, n + 1, device=self.device)], 1)
+        return start
+
+    def _mask(self) -> AttentionMask:
+        """The mask of the next forward: its queries are the columns not in the cache (all without a cache)."""
+        lo = self.length if self.use_cache else 0
+        return build_attention_mask(self.doc, self.cont, self.config.arch.attention, q_offset=lo,
+                                    q_len=self.seq_len - lo)
+
+    def _run(self, n_new: int, write: bool, extra: list[_Continuous] | None = None,
+             mask: AttentionMask | None = None) -> torch.Tensor:
+        """Forward the last `n_new` columns (all columns without a cache); returns their hidden (R, n_new, D).
+
+        `mask` may be passed when it is known to be `self._mask()` (the denoising steps of one image share it).
+        """
+        T = self.seq_len
+        lo = self.length if self.use_cache else 0
+        if T - self.length != n_new:
+            raise RuntimeError(f"{T - self.length} pending columns but {n_new} to run")
+        window = T - lo
+        R = self.ids.shape[0]
+        images = [im for im in self.images + (extra or []) if im.start >= lo]
+        continuous = None
+        if images:
+            L = self.config.slots
+            starts = torch.tensor([im.row * window + im.start - lo for im in images], device=self.device)
+            continuous = ContinuousInput(
+                slots=starts[:, None] + torch.arange(L, device=self.device),
+                latents=torch.stack([im.latents for im in images]),
+                timesteps=torch.tensor([im.timestep for im in images], device=self.device, dtype=torch.float),
+            )
+        mask = self._mask() if mask is None else mask
+        h = self.model.embed(self.ids[:, lo:], continuous)  # (R, window, D)
+        hidden = self.model(h, self.pos[:, lo:], mask, cache=self.cache, write_cache=write)
+        self.stats.forwards.append(R * window)
+        if write:
+            self.length = T
+        return hidden[:, -n_new:]
+
+    def _feed(self, ids: torch.Tensor) -> None:
+        """Append ids (R, n) and run them into the cache."""
+        self._append(ids)
+        self.last_hidden = self._run(ids.shape[1], write=True)[:, -1]
+
+    def _branch_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (R, 1): the same token for every branch."""
+        return ids.repeat(self.branches)[:, None]
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def generate_text(self, sampling: TextSampling, generators: list[torch.Generator] | None = None,
+                      stop_at_boi: bool = False) -> list[list[int]]:
+        """Generated ids of each of the B conditional rows (terminator included: `<eos>`, or `<boi>`)."""
+        B = self.B
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        code_start = self.config.code_offset
+        for _ in range(sampling.max_new_tokens):
+            logits = self.model.logits(self.last_hidden[:B]).float()  # (B, V)
+            logits[:, code_start:] = float("-inf")  # no image codes in text mode
+            logits[:, self.text.pad_id] = float("-inf")
+            if not stop_at_boi:
+                logits[:, self.text.boi_id] = float("-inf")
+            tok = sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
+            for b in range(B):
+                if done[b]:
+                    tok[b] = self.text.pad_id
+                    continue
+                t = int(tok[b])
+                out[b].append(t)
+                if t in (self.text.eos_id, self.text.boi_id) or (
+                        sampling.stop and self.text.decode(out[b]).endswith(tuple(sampling.stop))):
+                    done[b] = True
+            if all(done):
+                break
+            self._feed(self._branch_tokens(tok))
+        return out
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def generate_image(self, sampling: ImageSampling, scales: list[float],
+                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """`<boi>` + one image per conditional row + `<eoi>`: codes (B, h, w) or latents (B, C, h, w)."""
+        if len(scales) != self.branches - 1:
+            raise ValueError(f"{self.branches} branches need {self.branches - 1} guidance scales, got {scales}")
+        R = self.ids.shape[0]
+        self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
+        if self.config.path == "discrete":
+            return self._codes(sampling, scales, generators)
+        return self._latents(sampling, scales, generators)
+
+    def _in_interval(self, i: int, n: int, sampling: ImageSampling) -> bool:
+        lo, hi = sampling.cfg_interval
+        return lo <= i / n < hi or (i / n == 1.0 and hi >= 1.0)
+
+    def _codes(self, sampling: ImageSampling, scales: list[float], generators) -> torch.Tensor:
+        cfg, N = self.config, self.config.slots
+        codes = []
+        for i in range(N):
+            logits = self.model.logits(self.last_hidden).float()[:, cfg.code_offset:]  # (R, K)
+            logp = logits.log_softmax(-1).view(self.branches, self.B, -1)
+            guided = guide(logp, scales if self._in_interval(i, N, sampling) else [1.0] * len(scales))
+            code = sample_logits(guided, sampling.temperature, sampling.top_k, 1.0, generators)  # (B,)
+            codes.append(code)
+            ids = self._branch_tokens(code + cfg.code_offset)
+            if i < N - 1:
+                self._feed(ids)
+            else:  # the last code and <eoi> enter together
+                self._feed(torch.cat([ids, torch.full_like(ids, self.text.eoi_id)], 1))
+        g = cfg.grid
+        return torch.stack(codes, 1).view(self.B, g, g)
+
+    def _latents(self, sampling: ImageSampling, scales: list[float], generators) -> torch.Tensor:
+        cfg, R, L = self.config, self.ids.shape[0], self.config.slots
+        if self.objective is None:
+            raise ValueError("the continuous path needs the bundle's diffusion objective")
+        image = self.next_image
+        self.next_image += 1
+        start = self._append(torch.full((R, L), self.text.pad_id, dtype=torch.long), image=image)
+        shape = (self.B, cfg.latent_channels, cfg.grid, cfg.grid)
+        if generators is None:
+            x = torch.randn(shape)
+        else:
+            x = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+        x = x.to(self.device)  # (B, C, h, w)
+        sampler = self.objective.make_sampler(sampling.steps)
+        timesteps = sampler.timesteps
+        slots = torch.arange(R, device=self.device)[:, None] * L + torch.arange(L, device=self.device)
+        mask = self._mask()  # the same for every step and for the final write: built once
+        for i, t in enumerate(timesteps):
+            xr = x.repeat(self.branches, 1, 1, 1)
+            extra = [_Continuous(r, start, xr[r], float(t)) for r in range(R)]
+            hidden = self._run(L, write=False, extra=extra, mask=mask)  # (R, L, D)
+            self.stats.denoise_forwards.append(self.stats.forwards[-1])
+            pred = self.model.image_prediction(hidden, slots).float()  # (R, C, h, w)
+            pred = pred.view(self.branches, *shape)
+            pred = guide(pred, scales if self._in_interval(i, len(timesteps), sampling) else [1.0] * len(scales))
+            x = self.objective.step(sampler, pred, t, x, generator=generators)
+        xr = x.repeat(self.branches, 1, 1, 1)
+        self.images += [_Continuous(r, start, xr[r], 0.0) for r in range(R)]
+        self._run(L, write=True, mask=mask)
+        self._feed(torch.full((R, 1), self.text.eoi_id, dtype=torch.long))
+        return x

@@ -1,0 +1,170 @@
+"""The Python API of sampling: each task builds prompts (and guidance branches) for the one Engine.
+
+    from anymodal.checkpoint import load_bundle
+    from anymodal.generate.tasks import Pipeline
+    pipe = Pipeline(load_bundle("checkpoints/demo/transfusion"))
+    images = pipe.text_to_image(["a red circle at the center"], seeds=[0])
+
+Images go in as (3, H, W) float tensors in [0, 1] and come out as (H, W, 3) uint8 arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from anymodal.checkpoint import Bundle
+from anymodal.data.document import Document, Image, Text
+from anymodal.data.sequence import EncodedDocument, SequenceEncoder
+from anymodal.generate.engine import Engine, ImageSampling, TextSampling
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass
+class StoryStep:
+    """One piece of a generated story: text, or an image (H, W, 3) uint8."""
+
+    text: str | None = None
+    image: np.ndarray | None = None
+
+
+class Pipeline:
+    """Sampling for every task on one loaded bundle."""
+
+    def __init__(self, bundle: Bundle, use_cache: bool = True) -> None:
+        self.bundle, self.use_cache = bundle, use_cache
+        cfg = bundle.config
+        self.encoder = SequenceEncoder(bundle.text, cfg.path, cfg.slots)
+        self.device = next(bundle.model.parameters()).device
+
+    # ------------------------------------------------------------ helpers
+    def engine(self) -> Engine:
+        return Engine(self.bundle.model, self.bundle.text, self.bundle.objective, use_cache=self.use_cache)
+
+    def encode_image(self, pixels: torch.Tensor) -> Image:
+        """A prompt image: pixels (3, H, W) in [0, 1] -> codes or latents from the bundle's tokenizer."""
+        size = self.bundle.image_size
+        if pixels.ndim != 3 or pixels.shape[0] != 3 or tuple(pixels.shape[1:]) != (size, size):
+            raise ValueError(f"a prompt image must be (3, {size}, {size}) pixels for this bundle, "
+                             f"got {tuple(pixels.shape)}; load it with anymodal.data.images.load_image(path, {size})")
+        with torch.no_grad():
+            out = self.bundle.image_tokenizer.encode(pixels[None].to(self.device).float())[0]
+        return Image(codes=out) if self.bundle.config.path == "discrete" else Image(latents=out)
+
+    def decode_images(self, out: torch.Tensor) -> list[np.ndarray]:
+        with torch.no_grad():
+            pixels = self.bundle.image_tokenizer.decode(out.to(self.device))  # (B, 3, H, W) in [0, 1]
+        return [(p.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for p in pixels]
+
+    def prompt(self, segments: Sequence[Text | Image], task: str) -> EncodedDocument:
+        if not segments:
+            return EncodedDocument(tokens=[self.bundle.text.bos_id], loss_mask=[False], task=task)
+        return self.encoder.encode_prompt(Document(list(segments), task))
+
+    @staticmethod
+    def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def _batched(self, n: int, batch_size: int, run, progress: Progress) -> list:
+        out: list = []
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            out += run(lo, hi)
+            if progress:
+                progress(hi - lo)
+        return out
+
+    # ------------------------------------------------------------ tasks
+    def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                      sampling: ImageSampling | None = None, batch_size: int = 16,
+                      progress: Progress = None) -> list[np.ndarray]:
+        """One image per prompt; guidance against the empty prompt."""
+        sampling = sampling or ImageSampling()
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+
+        def run(lo, hi):
+            cond = [self.prompt([Text(p)], "t2i") for p in prompts[lo:hi]]
+            uncond = [self.prompt([], "t2i") for _ in cond]
+            eng = self.engine()
+            eng.start(cond + uncond, branches=2)
+            return self.decode_images(eng.generate_image(sampling, [sampling.cfg], self.generators(seeds[lo:hi])))
+
+        return self._batched(len(prompts), batch_size, run, progress)
+
+    def edit(self, images: Sequence[torch.Tensor], instructions: Sequence[str], seeds: Sequence[int] | None = None,
+             sampling: ImageSampling | None = None, batch_size: int = 16, progress: Progress = None) -> list[np.ndarray]:
+        """The edited image per (image, instruction); three guidance branches: full, no instruction, no image."""
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions; give one per image")
+        sampling = sampling or ImageSampling()
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+
+        def run(lo, hi):
+            src = [self.encode_image(im) for im in images[lo:hi]]
+            ins = [Text(t) for t in instructions[lo:hi]]
+            full = [self.prompt([s, t], "edit") for s, t in zip(src, ins)]
+            no_text = [self.prompt([s], "edit") for s in src]
+            no_image = [self.prompt([t], "edit") for t in ins]
+            eng = self.engine()
+            eng.start(full + no_text + no_image, branches=3)
+            out = eng.generate_image(sampling, [sampling.cfg, sampling.cfg_image], self.generators(seeds[lo:hi]))
+            return self.decode_images(out)
+
+        return self._batched(len(images), batch_size, run, progress)
+
+    def _answer(self, prompts: list[EncodedDocument], sampling: TextSampling, seeds) -> list[str]:
+        eng = self.engine()
+        eng.start(prompts)
+        gens = self.generators(seeds) if sampling.temperature > 0 else None
+        ids = eng.generate_text(sampling, gens)
+        return [self.bundle.text.decode(i).strip() for i in ids]
+
+    def caption(self, images: Sequence[torch.Tensor], sampling: TextSampling | None = None, batch_size: int = 32,
+                seeds: Sequence[int] | None = None, progress: Progress = None) -> list[str]:
+        """A caption per image."""
+        sampling = sampling or TextSampling()
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
+            [self.prompt([self.encode_image(im)], "caption") for im in images[lo:hi]], sampling, seeds[lo:hi]),
+            progress)
+
+    def answer(self, images: Sequence[torch.Tensor], questions: Sequence[str], sampling: TextSampling | None = None,
+               batch_size: int = 32, seeds: Sequence[int] | None = None, progress: Progress = None) -> list[str]:
+        """An answer per (image, question)."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions; give one per image")
+        sampling = sampling or TextSampling()
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
+            [self.prompt([self.encode_image(im), Text(q)], "vqa") for im, q in zip(images[lo:hi], questions[lo:hi])],
+            sampling, seeds[lo:hi]), progress)
+
+    def story(self, prompt: str, seed: int = 0, max_images: int = 4, sampling: ImageSampling | None = None,
+              text_sampling: TextSampling | None = None) -> list[StoryStep]:
+        """Free interleaved generation: the model writes text, opens images with `<boi>`, stops at `<eos>`.
+
+        The prompt's text comes first; guidance runs against the same story without the prompt.
+        """
+        sampling = sampling or ImageSampling()
+        text_sampling = text_sampling or TextSampling()
+        gens = self.generators([seed])
+        eng = self.engine()
+        eng.start([self.prompt([Text(prompt)], "story"), self.prompt([], "story")], branches=2)
+        steps: list[StoryStep] = [StoryStep(text=prompt)]
+        images = 0
+        while True:
+            ids = eng.generate_text(text_sampling, gens if text_sampling.temperature > 0 else None, stop_at_boi=True)[0]
+            body = [i for i in ids if i not in (self.bundle.text.boi_id, self.bundle.text.eos_id)]
+            if body:
+                steps.append(StoryStep(text=self.bundle.text.decode(body).strip()))
+            if not ids or ids[-1] != self.bundle.text.boi_id or images >= max_images:
+                break
+            # the sampled <boi> ended the text without entering the cache; generate_image feeds it
+            out = eng.generate_image(sampling, [sampling.cfg], gens)
+            steps.append(StoryStep(image=self.decode_images(out)[0]))
+            images += 1
+        return steps

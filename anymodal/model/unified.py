@@ -1,0 +1,138 @@
+"""The unified model: one decoder over text ids, discrete image codes and continuous latent patches.
+
+Discrete path: codes live in the shared vocabulary after the text ids and specials; one LM head.
+Continuous path: VAE latents -> p x p patches -> linear in-projection + timestep embedding + a learned
+position per patch -> decoder -> out-projection -> the objective's prediction (velocity or noise).
+The model never draws timesteps or adds noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from anymodal.config import ArchConfig
+from anymodal.masks import AttentionMask
+from anymodal.model.cache import KVCache
+from anymodal.model.decoder import Decoder
+from anymodal.nn.embeddings import TimestepEmbedder, patchify, unpatchify
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a unified model (saved as a bundle's config.json)."""
+
+    arch: ArchConfig
+    """Decoder shape."""
+    text_vocab_size: int
+    """Text ids including the specials; image codes start here."""
+    path: Literal["discrete", "continuous"] = "continuous"
+    """Image path: 'discrete' (VQ codes in the vocabulary) or 'continuous' (VAE latent patches)."""
+    codebook_size: int = 0
+    """Number of image codes (discrete path)."""
+    latent_channels: int = 4
+    """Channels of the VAE latents (continuous path)."""
+    grid: int = 8
+    """Side of the image's code grid (discrete) or latent grid (continuous)."""
+    patch_size: int = 2
+    """Side of a latent patch (continuous path); grid must be divisible by it."""
+    prediction: Literal["velocity", "epsilon"] = "velocity"
+    """What the continuous head predicts: the flow velocity or the DDPM noise."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.arch, dict):
+            self.arch = ArchConfig(**self.arch)
+        if self.path not in ("discrete", "continuous"):
+            raise ValueError(f"path={self.path!r} must be 'discrete' or 'continuous'")
+        if self.path == "discrete" and self.codebook_size <= 0:
+            raise ValueError("the discrete path needs codebook_size > 0 (the image tokenizer's codebook)")
+        if self.path == "continuous" and self.grid % self.patch_size:
+            raise ValueError(f"latent grid={self.grid} must be divisible by patch_size={self.patch_size}")
+
+    @property
+    def code_offset(self) -> int:
+        return self.text_vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab_size + (self.codebook_size if self.path == "discrete" else 0)
+
+    @property
+    def slots(self) -> int:
+        """Sequence positions per image."""
+        return self.grid**2 if self.path == "discrete" else (self.grid // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**d)
+
+
+@dataclass
+class ContinuousInput:
+    """Continuous images entering one forward pass.
+
+    slots:     (N, L) int64 flat indices into the (B*T) positions of the pass, one per patch
+    latents:   (N, C, h, w) latents (noised or clean)
+    timesteps: (N,) float, 0 for clean images
+    """
+
+    slots: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+
+
+class UnifiedModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        arch = config.arch
+        self.embed_tokens = nn.Embedding(config.vocab_size, arch.dim)
+        self.decoder = Decoder(arch)
+        self.lm_head = nn.Linear(arch.dim, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed_tokens.weight, std=arch.init_std)
+        nn.init.normal_(self.lm_head.weight, std=arch.init_std)
+        if config.path == "continuous":
+            self.patch_in = nn.Linear(config.patch_dim, arch.dim)
+            self.patch_pos = nn.Parameter(torch.randn(config.slots, arch.dim) * arch.init_std)
+            self.time_embed = TimestepEmbedder(arch.dim, time_scale=1.0)  # timesteps arrive in [0, 1000]
+            self.patch_out = nn.Linear(arch.dim, config.patch_dim)
+            nn.init.zeros_(self.patch_out.weight)
+            nn.init.zeros_(self.patch_out.bias)
+
+    def embed(self, tokens: torch.Tensor, continuous: ContinuousInput | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, D): token embeddings, with continuous patches written into their slots."""
+        h = self.embed_tokens(tokens)  # (B, T, D)
+        if continuous is None or continuous.slots.numel() == 0:
+            return h
+        B, T, D = h.shape
+        p = self.config.patch_size
+        patches = patchify(continuous.latents.to(h.dtype), p)  # (N, L, C*p*p)
+        t = self.time_embed(continuous.timesteps.float()).to(h.dtype)  # (N, D)
+        x = self.patch_in(patches) + t[:, None, :] + self.patch_pos[None]  # (N, L, D)
+        return h.reshape(B * T, D).index_copy(0, continuous.slots.reshape(-1), x.reshape(-1, D)).view(B, T, D)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
+                cache: KVCache | None = None, write_cache: bool = True) -> torch.Tensor:
+        """Hidden states (B, T, D) of input embeddings `h` (B, T, D)."""
+        return self.decoder(h, positions, mask, cache=cache, write_cache=write_cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., V) next-token logits over text ids and (discrete path) image codes."""
+        return self.lm_head(hidden)
+
+    def image_prediction(self, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) velocity/noise prediction of the continuous images at `slots` (N, L) of (B*T)."""
+        D = hidden.shape[-1]
+        x = hidden.reshape(-1, D)[slots.reshape(-1)].view(*slots.shape, D)  # (N, L, D)
+        return unpatchify(self.patch_out(x), self.config.patch_size, self.config.grid, self.config.grid)  # (N, C, h, w)

@@ -1,0 +1,90 @@
+"""Training callbacks: image grids of what a system produces.
+
+`ReconstructionGrid` writes originals (top row) above their reconstructions (bottom row) through an
+image tokenizer's public API, `decode(encode(x))`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from PIL import Image as PILImage
+
+
+def image_grid(rows: list[torch.Tensor], scale: int = 1, pad: int = 2) -> np.ndarray:
+    """Rows of images, each (N, 3, H, W) in [0, 1], as one uint8 (H', W', 3) array on a grey ground.
+
+    Every row has the same N, H and W; `scale` enlarges each pixel to scale x scale (nearest).
+    """
+    if not rows or any(r.ndim != 4 or r.shape[1] != 3 or r.shape != rows[0].shape for r in rows):
+        raise ValueError(f"image_grid needs rows of equal (N, 3, H, W) tensors, got {[tuple(r.shape) for r in rows]}")
+    n, _, h, w = rows[0].shape
+    hs, ws = h * scale, w * scale
+    grid = np.full((len(rows) * (hs + pad) + pad, n * (ws + pad) + pad, 3), 128, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        arr = (row.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # (N, 3, H, W)
+        arr = arr.transpose(0, 2, 3, 1).repeat(scale, axis=1).repeat(scale, axis=2)  # (N, hs, ws, 3)
+        for i in range(n):
+            y, x = pad + r * (hs + pad), pad + i * (ws + pad)
+            grid[y:y + hs, x:x + ws] = arr[i]
+    return grid
+
+
+def save_image_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 1) -> Path:
+    """Write `image_grid(rows, scale)` as a PNG at `path` (folders made as needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(image_grid(rows, scale)).save(path)
+    return path
+
+
+class ReconstructionGrid(Callback):
+    """Every `every_n_steps` steps and at the end of fit, a PNG of originals above reconstructions.
+
+    Files go to `<trainer.log_dir>/samples/recon_step<step>.png` (and `recon_final.png` at the end),
+    and, when the system has an `export_dir`, `reconstructions.png` there. The images are the first
+    `num_images` of the first training batch, the same ones all run long.
+
+    every_n_steps: steps between grids (0: only at the end of fit)
+    num_images:    images per row
+    scale:         each pixel is drawn as scale x scale pixels
+    """
+
+    def __init__(self, every_n_steps: int = 500, num_images: int = 8, scale: int = 4) -> None:
+        if every_n_steps < 0 or num_images < 1 or scale < 1:
+            raise ValueError(f"ReconstructionGrid needs every_n_steps >= 0, num_images >= 1, scale >= 1; got "
+                             f"{every_n_steps}, {num_images}, {scale}")
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.scale = scale
+        self.images: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.images is None:
+            self.images = batch[: self.num_images].detach().float().cpu().contiguous()  # (N, 3, H, W)
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.write(trainer, pl_module, f"recon_step{step:06d}.png")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.images is None or not trainer.is_global_zero:
+            return
+        path = self.write(trainer, pl_module, "recon_final.png")
+        export_dir = getattr(pl_module, "export_dir", None)
+        if export_dir:
+            Path(export_dir).mkdir(parents=True, exist_ok=True)
+            (Path(export_dir) / "reconstructions.png").write_bytes(path.read_bytes())
+
+    @torch.no_grad()
+    def write(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path:
+        tok = pl_module.model
+        was_training = tok.training
+        tok.eval()
+        x = self.images.to(pl_module.device)  # (N, 3, H, W)
+        recon = tok.decode(tok.encode(x))  # (N, 3, H, W)
+        tok.train(was_training)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        return save_image_grid([x, recon], folder / name, self.scale)

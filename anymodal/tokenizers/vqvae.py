@@ -1,0 +1,240 @@
+"""VQ-VAE image tokenizer: a small conv encoder/decoder around a vector-quantize-pytorch quantizer.
+
+Pixels `(B, 3, H, W)` in [0, 1] become a grid of discrete codes `(B, H/f, W/f)` int64, where f is
+the downsampling factor (4, 8 or 16), and back. The quantizer is `VectorQuantize` (EMA codebook,
+k-means init, dead-code replacement) or, as the option, `FSQ` (finite scalar quantization, no codebook
+to learn). The networks work in [-1, 1]; the public API speaks [0, 1] pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from vector_quantize_pytorch import FSQ, VectorQuantize
+
+DOWNSAMPLES = (4, 8, 16)
+
+
+@dataclass
+class VQVAEConfig:
+    """Architecture and quantizer of a VQ-VAE image tokenizer."""
+
+    channels: int = 64
+    """Width of the encoder and decoder at full resolution; each downsampling doubles it up to `max_channels`."""
+    max_channels: int = 256
+    """Largest width of any level."""
+    downsample: int = 4
+    """Spatial reduction per side (4, 8 or 16): a 32x32 image at 4 becomes an 8x8 grid of codes."""
+    num_res_blocks: int = 1
+    """Residual blocks per resolution level in the encoder (the decoder uses the same number)."""
+    norm_groups: int = 8
+    """GroupNorm groups; must divide every level's width."""
+    quantizer: Literal["vq", "fsq"] = "vq"
+    """`vq`: a learned codebook (VectorQuantize with EMA); `fsq`: finite scalar quantization over `fsq_levels`."""
+    codebook_size: int = 1024
+    """Number of codes of the `vq` quantizer. For `fsq` the size is the product of `fsq_levels` and this is not read."""
+    codebook_dim: int = 8
+    """Dimension of a `vq` code; the encoder's output is projected to it (small dims keep codes in use)."""
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    """Levels per dimension of the `fsq` quantizer; [8, 5, 5, 5] gives 1000 codes, [8, 8, 8, 5, 5, 5] 64000."""
+    commitment_weight: float = 0.25
+    """Weight of the commitment loss that pulls encoder outputs to their codes (`vq` only)."""
+    kmeans_init: bool = True
+    """Initialise the `vq` codebook by k-means on the first training batch."""
+    kmeans_iters: int = 10
+    """k-means iterations of that initialisation."""
+    ema_decay: float = 0.8
+    """EMA decay of the `vq` codebook updates; lower adapts faster (good for short runs)."""
+    threshold_ema_dead_code: float = 1.0
+    """A `vq` code whose EMA usage (vectors per batch) falls below this is replaced by a random encoder output."""
+    use_cosine_sim: bool = False
+    """Match codes by cosine similarity on l2-normalised vectors instead of Euclidean distance (`vq` only)."""
+
+    def __post_init__(self) -> None:
+        if self.downsample not in DOWNSAMPLES:
+            raise ValueError(f"downsample={self.downsample} is not supported; use one of {DOWNSAMPLES}")
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer={self.quantizer!r} is unknown; use 'vq' or 'fsq'")
+        for w in self.widths:
+            if w % self.norm_groups:
+                raise ValueError(f"norm_groups={self.norm_groups} must divide every level width {self.widths}")
+        if self.quantizer == "fsq" and (not self.fsq_levels or min(self.fsq_levels) < 2):
+            raise ValueError(f"fsq_levels={self.fsq_levels} needs at least one level, each >= 2")
+        self.fsq_levels = [int(v) for v in self.fsq_levels]
+
+    @property
+    def widths(self) -> list[int]:
+        """Channel width of each resolution level, full resolution first."""
+        levels = int(math.log2(self.downsample)) + 1
+        return [min(self.channels * 2**i, self.max_channels) for i in range(levels)]
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the quantized grid."""
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.codebook_dim
+
+
+@dataclass
+class VQOutput:
+    """What `VQVAE.forward` returns.
+
+    recon:       (B, 3, H, W) reconstruction in pixel units ([0, 1] range, not clamped, so losses keep
+                 their gradient; `decode` clamps)
+    codes:       (B, h, w) int64 code indices
+    commit_loss: () commitment loss (zero for `fsq`)
+    """
+
+    recon: torch.Tensor
+    codes: torch.Tensor
+    commit_loss: torch.Tensor
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.GroupNorm(groups, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.GroupNorm(groups, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.block(x)
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, latent_dim, H/f, W/f)."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        w, g = cfg.widths, cfg.norm_groups
+        layers: list[nn.Module] = [nn.Conv2d(3, w[0], 3, padding=1)]
+        for i, c in enumerate(w):
+            layers += [ResBlock(c, c, g) for _ in range(cfg.num_res_blocks)]
+            if i + 1 < len(w):
+                layers.append(nn.Conv2d(c, w[i + 1], 3, stride=2, padding=1))
+        layers += [ResBlock(w[-1], w[-1], g), nn.GroupNorm(g, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, latent_dim, h, w) -> (B, 3, h*f, w*f) in about [-1, 1]."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        w, g = cfg.widths[::-1], cfg.norm_groups
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, w[0], 3, padding=1), ResBlock(w[0], w[0], g)]
+        for i, c in enumerate(w):
+            layers += [ResBlock(c, c, g) for _ in range(cfg.num_res_blocks)]
+            if i + 1 < len(w):
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, w[i + 1], 3, padding=1)]
+        layers += [nn.GroupNorm(g, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    """Image tokenizer: pixels (B, 3, H, W) in [0, 1] <-> codes (B, H/f, W/f) int64."""
+
+    def __init__(self, config: VQVAEConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or VQVAEConfig()
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.quantizer == "fsq":
+            self.quantizer: nn.Module = FSQ(levels=cfg.fsq_levels, dim=cfg.latent_dim, channel_first=True)
+        else:
+            self.quantizer = VectorQuantize(
+                dim=cfg.latent_dim,
+                codebook_size=cfg.codebook_size,
+                decay=cfg.ema_decay,
+                kmeans_init=cfg.kmeans_init,
+                kmeans_iters=cfg.kmeans_iters,
+                threshold_ema_dead_code=cfg.threshold_ema_dead_code,
+                commitment_weight=cfg.commitment_weight,
+                use_cosine_sim=cfg.use_cosine_sim,
+                accept_image_fmap=True,
+            )
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of distinct codes."""
+        if self.config.quantizer == "fsq":
+            return math.prod(self.config.fsq_levels)
+        return self.config.codebook_size
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Code grid (h, w) of an image of side `image_size` (or (H, W))."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        f = self.config.downsample
+        if h % f or w % f:
+            raise ValueError(f"image size {h}x{w} must be divisible by downsample={f}")
+        return h // f, w // f
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
+        self.grid(tuple(pixels.shape[-2:]))
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (B, D, h, w) -> quantized (B, D, h, w), codes (B, h, w) int64, commitment loss ().
+
+        Runs in float32 whatever autocast says: nearest-code search in bfloat16 picks wrong codes.
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.config.quantizer == "fsq":
+            zq, codes = self.quantizer(z)
+            return zq, codes.long(), z.new_zeros(())
+        zq, codes, loss = self.quantizer(z)
+        return zq, codes.long(), loss.sum()
+
+    def forward(self, pixels: torch.Tensor) -> VQOutput:
+        self._check_pixels(pixels)
+        z = self.encoder(pixels * 2 - 1)  # (B, D, h, w)
+        zq, codes, commit = self.quantize(z)  # (B, D, h, w), (B, h, w)
+        recon = (self.decoder(zq) + 1) / 2  # (B, 3, H, W)
+        return VQOutput(recon=recon, codes=codes, commit_loss=commit)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [0, 1] -> codes (B, h, w) int64."""
+        self._check_pixels(pixels)
+        z = self.encoder(pixels * 2 - 1)  # (B, D, h, w)
+        was_training = self.quantizer.training
+        self.quantizer.eval()  # never update the codebook while tokenizing
+        codes = self.quantize(z)[1]  # (B, h, w)
+        self.quantizer.train(was_training)
+        return codes
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) int64 -> quantized latents (B, D, h, w)."""
+        if codes.ndim != 3:
+            raise ValueError(f"codes must be (B, h, w), got {tuple(codes.shape)}")
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        if self.config.quantizer == "fsq":
+            zq = self.quantizer.indices_to_codes(codes)  # (B, D, h, w) with channel_first
+        else:
+            zq = self.quantizer.get_output_from_indices(codes)  # (B, D, h, w) with accept_image_fmap
+        return zq.contiguous()
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) int64 -> pixels (B, 3, H, W) in [0, 1]."""
+        x = self.decoder(self.codes_to_latents(codes))  # (B, 3, H, W)
+        return ((x + 1) / 2).clamp(0, 1)
+

@@ -1,0 +1,357 @@
+"""The sampling engine: cache = recompute, batched = one at a time, guidance, story structure, errors."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from anymodal.checkpoint import Bundle, BundleError, load_bundle, save_bundle
+from anymodal.data.document import Image, Text
+from anymodal.data.images import BadImage, load_image
+from anymodal.generate.engine import Engine, ImageSampling, TextSampling, guide, sample_logits
+from anymodal.generate.tasks import Pipeline
+
+# Discrete bundles use 12-pixel images (3x3 = 9 codes) so that the uncached reference stays fast.
+IMAGE_SIZE = {"continuous": 32, "discrete": 12}
+
+
+def _bundle(make_system, tmp_path, path: str) -> Bundle:
+    """A debug-size bundle written and loaded back, with heads that make sampling non-trivial."""
+    size = IMAGE_SIZE[path]
+    system = make_system(path, image_size=size)
+    folder = save_bundle(tmp_path / path, system.sampling_model(), system.text, system.image_tokenizer, "flow",
+                         {"image_size": size})
+    bundle = load_bundle(folder, expect=path)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model = bundle.model
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.2)
+        if path == "continuous":  # zero-initialised: every prediction would be 0
+            model.patch_out.weight.copy_(torch.randn(model.patch_out.weight.shape, generator=gen) * 0.05)
+            model.patch_out.bias.copy_(torch.randn(model.patch_out.bias.shape, generator=gen) * 0.05)
+    return bundle
+
+
+@pytest.fixture
+def continuous(make_system, tmp_path) -> Bundle:
+    return _bundle(make_system, tmp_path, "continuous")
+
+
+@pytest.fixture
+def discrete(make_system, tmp_path) -> Bundle:
+    return _bundle(make_system, tmp_path, "discrete")
+
+
+@pytest.fixture(params=["continuous", "discrete"])
+def bundle(request, make_system, tmp_path) -> Bundle:
+    return _bundle(make_system, tmp_path, request.param)
+
+
+def _engine(bundle: Bundle, use_cache: bool) -> Engine:
+    return Engine(bundle.model, bundle.text, bundle.objective, use_cache=use_cache)
+
+
+def _gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _source_image(pipe: Pipeline, seed: int) -> Image:
+    gen = torch.Generator().manual_seed(seed)
+    return pipe.encode_image(torch.rand(3, pipe.bundle.image_size, pipe.bundle.image_size, generator=gen))
+
+
+def _images_close(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == np.uint8 and x.shape == y.shape
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------- guidance and sampling primitives
+def test_guide_formula():
+    pred = torch.randn(3, 2, 4, 5)
+    uncond_guided = guide(pred[:2], [3.0])
+    torch.testing.assert_close(uncond_guided, pred[1] + 3.0 * (pred[0] - pred[1]))
+    both = guide(pred, [2.5, 1.5])
+    torch.testing.assert_close(both, pred[0] + 1.5 * (pred[0] - pred[1]) + 0.5 * (pred[0] - pred[2]))
+    assert torch.equal(guide(pred, [1.0, 1.0]), pred[0])  # every scale 1: the conditional branch exactly
+    assert torch.equal(guide(pred[:1], []), pred[0])
+
+
+def test_top_k_and_top_p_restrict_to_the_allowed_set():
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])  # sorted: 1 (.4), 3 (.3), 4 (.15), 2 (.1), 0 (.05)
+    n = 4000
+    logits = probs.log().expand(n, -1)
+    gen = torch.Generator().manual_seed(0)
+
+    def frequencies(**kwargs) -> torch.Tensor:
+        ids = sample_logits(logits, temperature=1.0, generators=[gen] * n, **kwargs)
+        return torch.bincount(ids, minlength=5).float() / n
+
+    full = frequencies(top_k=0, top_p=1.0)
+    assert (full > 0).all()  # every token is drawn without a restriction
+    torch.testing.assert_close(full, probs, atol=0.03, rtol=0)
+    top3 = frequencies(top_k=3, top_p=1.0)
+    assert top3[[0, 2]].sum() == 0
+    torch.testing.assert_close(top3[[1, 3, 4]], probs[[1, 3, 4]] / 0.85, atol=0.03, rtol=0)
+    nucleus = frequencies(top_k=0, top_p=0.6)  # .4 < .6 <= .4 + .3: the two most likely tokens
+    assert nucleus[[0, 2, 4]].sum() == 0
+    torch.testing.assert_close(nucleus[[1, 3]], probs[[1, 3]] / 0.7, atol=0.03, rtol=0)
+    tiny_p = frequencies(top_k=0, top_p=0.01)  # the most likely token is always kept
+    assert tiny_p[1] == 1
+    both = frequencies(top_k=3, top_p=0.9)  # the top 3 reach 0.85 < 0.9: top-k is the tighter bound
+    assert both[[0, 2]].sum() == 0 and (both[[1, 3, 4]] > 0).all()
+    greedy = sample_logits(logits[:3], temperature=0.0, top_k=0, top_p=1.0)
+    assert greedy.tolist() == [1, 1, 1]
+
+
+# ---------------------------------------------------------------- cache = recompute
+def test_text_cached_equals_uncached(continuous):
+    pipe = Pipeline(continuous)
+    prompts = [pipe.prompt([_source_image(pipe, 0), Text("what is in the picture?")], "vqa"),
+               pipe.prompt([Text("a red circle")], "caption")]
+    for sampling, seeds in ((TextSampling(max_new_tokens=8), None),
+                            (TextSampling(temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=8), (3, 4))):
+        runs = []
+        for use_cache in (True, False):
+            engine = _engine(continuous, use_cache)
+            engine.start(prompts)
+            runs.append(engine.generate_text(sampling, _gens(*seeds) if seeds else None))
+        assert runs[0] == runs[1]
+        assert max(len(ids) for ids in runs[0]) > 1
+
+
+def test_discrete_image_cached_equals_uncached(discrete):
+    pipe = Pipeline(discrete)
+    source = _source_image(pipe, 0)
+    prompts = [pipe.prompt([source, Text("make it blue")], "edit"), pipe.prompt([Text("a square")], "t2i"),
+               pipe.prompt([source], "edit"), pipe.prompt([], "t2i")]
+    sampling = ImageSampling(cfg=3.0, temperature=1.0, top_k=32)
+    codes, texts = [], []
+    for use_cache in (True, False):
+        engine = _engine(discrete, use_cache)
+        engine.start(prompts, branches=2)
+        codes.append(engine.generate_image(sampling, [sampling.cfg], _gens(5, 6)))
+        texts.append(engine.generate_text(TextSampling(max_new_tokens=6)))
+    assert codes[0].shape == (2, 3, 3) and codes[0].dtype == torch.long
+    assert torch.equal(codes[0], codes[1])
+    assert len(codes[0].unique()) > 4  # sampled, not collapsed to one code
+    assert texts[0] == texts[1]
+
+
+def test_continuous_image_cached_equals_uncached_and_text_follows(continuous):
+    pipe = Pipeline(continuous)
+    prompts = [pipe.prompt([Text("a red circle")], "t2i"), pipe.prompt([Text("two small blue squares")], "t2i"),
+               pipe.prompt([], "t2i"), pipe.prompt([], "t2i")]
+    sampling = ImageSampling(steps=4, cfg=3.0)
+    latents, after, texts = [], [], []
+    for use_cache in (True, False):
+        engine = _engine(continuous, use_cache)
+        engine.start(prompts, branches=2)
+        latents.append(engine.generate_image(sampling, [sampling.cfg], _gens(1, 2)))
+        after.append(engine.last_hidden.clone())  # the hidden state after <eoi>: it read the clean latents
+        texts.append(engine.generate_text(TextSampling(max_new_tokens=8)))
+    assert latents[0].shape == (2, 4, 8, 8)
+    torch.testing.assert_close(latents[0], latents[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(latents[0][0], latents[0][1])  # different seeds and prompts
+    torch.testing.assert_close(after[0], after[1], atol=1e-5, rtol=1e-5)
+    assert texts[0] == texts[1]
+
+
+def test_text_after_an_image_depends_on_its_latents(continuous):
+    """The check above can fail: the hidden state after `<eoi>` moves with the image's clean latents."""
+    pipe = Pipeline(continuous)
+    hidden = []
+    for seed in (1, 2):
+        engine = _engine(continuous, use_cache=True)
+        engine.start([pipe.prompt([Text("a red circle")], "t2i")])
+        engine.generate_image(ImageSampling(steps=2), [], _gens(seed))
+        hidden.append(engine.last_hidden)
+    assert (hidden[0] - hidden[1]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- batched = one at a time
+def test_text_to_image_batched_equals_one_at_a_time(bundle):
+    pipe = Pipeline(bundle)
+    prompts = ["a red circle", "two small blue squares at the top left of the picture"]
+    sampling = ImageSampling(steps=4, cfg=2.0)
+    batched = pipe.text_to_image(prompts, seeds=[3, 7], sampling=sampling, batch_size=2)
+    single = pipe.text_to_image(prompts, seeds=[3, 7], sampling=sampling, batch_size=1)
+    _images_close(batched, single)
+    size = bundle.image_size
+    assert batched[0].shape == (size, size, 3)
+    assert np.abs(batched[0].astype(int) - batched[1].astype(int)).max() > 1
+
+
+def test_caption_and_answer_batched_equal_one_at_a_time(continuous):
+    pipe = Pipeline(continuous)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 32, 32, generator=gen) for _ in range(2)]
+    greedy = TextSampling(max_new_tokens=6)
+    assert pipe.caption(images, greedy, batch_size=2) == pipe.caption(images, greedy, batch_size=1)
+    questions = ["what?", "which shapes are in the lower right corner of the picture?"]
+    sampled = TextSampling(temperature=1.0, max_new_tokens=6)
+    answers = pipe.answer(images, questions, sampled, batch_size=2, seeds=[4, 5])
+    assert answers == pipe.answer(images, questions, sampled, batch_size=1, seeds=[4, 5])
+    assert any(answers)
+
+
+# ---------------------------------------------------------------- guidance scale 1 = conditional branch
+def test_guidance_scale_one_is_the_conditional_branch(bundle):
+    pipe = Pipeline(bundle)
+    source = _source_image(pipe, 0)
+    full = [pipe.prompt([source, Text("make it blue")], "edit"), pipe.prompt([source, Text("flip it")], "edit")]
+    no_text = [pipe.prompt([source], "edit")] * 2
+    no_image = [pipe.prompt([Text("make it blue")], "edit"), pipe.prompt([Text("flip it")], "edit")]
+    t2i = [pipe.prompt([Text("a red circle")], "t2i"), pipe.prompt([Text("a square")], "t2i")]
+    empty = [pipe.prompt([], "t2i")] * 2
+    sampling = ImageSampling(steps=3, cfg=1.0, cfg_image=1.0, temperature=1.0)
+    for cond, others in ((t2i, empty), (full, no_text + no_image)):
+        guided = _engine(bundle, True)
+        guided.start(cond + others, branches=1 + len(others) // len(cond))
+        scales = [sampling.cfg, sampling.cfg_image][: guided.branches - 1]
+        out = guided.generate_image(sampling, scales, _gens(8, 9))
+        alone = _engine(bundle, True)
+        alone.start(cond)
+        ref = alone.generate_image(sampling, [], _gens(8, 9))
+        if bundle.path_kind == "discrete":
+            assert torch.equal(out, ref)
+        else:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # and a scale above 1 does change the result
+    guided = _engine(bundle, True)
+    guided.start(t2i + empty, branches=2)
+    out = guided.generate_image(ImageSampling(steps=3, cfg=4.0, temperature=1.0), [4.0], _gens(8, 9))
+    alone = _engine(bundle, True)
+    alone.start(t2i)
+    assert not torch.allclose(out.float(), alone.generate_image(sampling, [], _gens(8, 9)).float())
+
+
+# ---------------------------------------------------------------- work per denoising step
+def test_denoising_steps_run_only_the_image_against_the_cache(continuous):
+    pipe = Pipeline(continuous)
+    prompts = [pipe.prompt([Text("a red circle in the middle")], "t2i"), pipe.prompt([], "t2i")]
+    R, T0, L, steps = 2, len(prompts[0]), continuous.config.slots, 5
+    counts = {}
+    for use_cache in (True, False):
+        engine = _engine(continuous, use_cache)
+        engine.start(prompts, branches=2)
+        engine.generate_image(ImageSampling(steps=steps), [3.0])
+        counts[use_cache] = engine.stats
+    cached, full = counts[True], counts[False]
+    assert cached.denoise_forwards == [R * L] * steps
+    assert full.denoise_forwards == [R * (T0 + 1 + L)] * steps  # prompt, <boi>, the image: every step
+    # prefill, <boi>, the steps, the clean latents entering the cache, <eoi>
+    assert cached.forwards == [R * T0, R] + [R * L] * steps + [R * L, R]
+    assert len(full.forwards) == len(cached.forwards)
+
+
+# ---------------------------------------------------------------- stories
+def _bigram(bundle: Bundle, rules: dict[int, int]) -> None:
+    """Turn the model into a bigram table: after token a comes rules[a], by a margin of 40 logits.
+
+    Zeroed attention and MLP outputs leave each position's hidden state a function of its own token;
+    each ruled token gets its own basis vector as embedding, and the head maps it to its successor.
+    """
+    model = bundle.model
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        basis = torch.eye(model.config.arch.dim)  # the final RMSNorm scales e_i to sqrt(dim) e_i = 8 e_i
+        model.lm_head.weight.zero_()
+        for i, (a, b) in enumerate(rules.items()):
+            model.embed_tokens.weight[a] = basis[i]
+            model.lm_head.weight[b] += 5.0 * basis[i]
+
+
+def _story_rules(bundle: Bundle, then: str) -> tuple[int, int, dict[int, int]]:
+    """Prompt "x" -> A B, then `then` ('image': <boi>, and after <eoi> again A B; 'end': <eos>)."""
+    text = bundle.text
+    (last,) = text.encode("x")
+    a, b = text.encode(" red circle")[:2]
+    assert len({last, a, b}) == 3
+    rules = {last: a, a: b, b: text.boi_id if then == "image" else text.eos_id, text.eoi_id: a}
+    return a, b, rules
+
+
+@pytest.mark.parametrize("then", ["image", "end"])
+def test_story_alternates_text_and_images(bundle, then):
+    a, b, rules = _story_rules(bundle, then)
+    _bigram(bundle, rules)
+    pipe = Pipeline(bundle)
+    steps = pipe.story("x", seed=0, max_images=2, sampling=ImageSampling(steps=2),
+                       text_sampling=TextSampling(temperature=1.0, max_new_tokens=8))
+    kinds = ["image" if s.image is not None else "text" for s in steps]
+    words = bundle.text.decode([a, b]).strip()
+    if then == "end":
+        assert kinds == ["text", "text"] and steps[1].text == words
+        return
+    assert kinds == ["text", "text", "image", "text", "image", "text"]  # at most max_images images
+    assert [s.text for s in steps if s.text is not None] == ["x", words, words, words]
+    size = bundle.image_size
+    assert all(s.image.shape == (size, size, 3) and s.image.dtype == np.uint8 for s in steps if s.image is not None)
+
+
+def test_story_images_back_to_back_are_closed_by_eoi(bundle):
+    text = bundle.text
+    (last,) = text.encode("x")
+    _bigram(bundle, {last: text.boi_id, text.eoi_id: text.boi_id})  # nothing but images
+    pipe = Pipeline(bundle)
+    steps = pipe.story("x", max_images=3, sampling=ImageSampling(steps=2))
+    assert [s.image is not None for s in steps] == [False, True, True, True]
+    # the same loop on an engine: its sequence holds <boi> N slots <eoi> per image
+    engine = _engine(bundle, True)
+    prompt = pipe.prompt([Text("x")], "story")
+    engine.start([prompt, pipe.prompt([], "story")], branches=2)
+    for _ in range(3):
+        assert engine.generate_text(TextSampling(), stop_at_boi=True) == [[text.boi_id]]
+        engine.generate_image(ImageSampling(steps=2), [3.0])
+    L, cfg = bundle.config.slots, bundle.config
+    row, cont = engine.ids[0, len(prompt):].tolist(), engine.cont[0, len(prompt):].tolist()
+    assert len(row) == 3 * (L + 2)
+    for i in range(3):
+        block = row[i * (L + 2):(i + 1) * (L + 2)]
+        assert block[0] == text.boi_id and block[-1] == text.eoi_id
+        slots = block[1:-1]
+        if bundle.path_kind == "discrete":
+            assert all(cfg.code_offset <= s < cfg.vocab_size for s in slots)
+        else:
+            assert cont[i * (L + 2) + 1:(i + 1) * (L + 2) - 1] == [i] * L  # one continuous image per block
+    if bundle.path_kind == "continuous":  # each image's clean latents, in both branches, entered the cache
+        assert [(im.row, im.timestep) for im in engine.images] == [(0, 0.0), (1, 0.0)] * 3
+
+
+# ---------------------------------------------------------------- errors people see
+def test_prompt_longer_than_the_context_is_refused(continuous):
+    pipe = Pipeline(continuous)
+    limit = continuous.config.arch.max_seq_len
+    prompt = " ".join(["circle"] * limit)
+    n = len(pipe.prompt([Text(prompt)], "t2i"))
+    with pytest.raises(ValueError, match=f"prompt is {n} tokens long but the model's context is {limit}"):
+        pipe.text_to_image([prompt], sampling=ImageSampling(steps=2))
+
+
+def test_unreadable_images_are_refused(tmp_path, continuous):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not a picture")
+    with pytest.raises(BadImage, match="not an image in a supported format"):
+        load_image(junk, 32)
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(BadImage, match="corrupt or truncated"):
+        load_image(cut, 32)
+    pipe = Pipeline(continuous)
+    with pytest.raises(ValueError, match=r"must be \(3, 32, 32\) pixels.*got \(3, 20, 20\).*load_image"):
+        pipe.caption([torch.rand(3, 20, 20)])
+    with pytest.raises(ValueError, match=r"must be \(3, 32, 32\) pixels"):
+        pipe.encode_image(torch.rand(32, 32, 3))
+
+
+def test_bundle_of_the_wrong_kind_is_refused(continuous):
+    with pytest.raises(BundleError, match="continuous-path bundle, but a discrete-path one is needed"):
+        load_bundle(continuous.path, expect="discrete")

@@ -1,0 +1,266 @@
+"""The unified model in training: a two-step `fit` of each recipe family through the CLI, overfitting one
+batch on each path, exact resume, the clean/noised attention policy, export to a bundle, and recipe typos."""
+
+import csv
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TEXT_TOKENIZER
+from lightning.pytorch import Callback, Trainer
+
+from anymodal.batch import CONTINUOUS_IMAGE, Batch, derive_indices
+from anymodal.checkpoint import BundleError, export_checkpoint, load_bundle
+from anymodal.cli import main
+from anymodal.data.datamodule import UnifiedDataModule
+from anymodal.data.document import Document, Image
+from anymodal.data.packing import collate_rows, pack_rows
+from anymodal.data.shapes import ShapesWorld
+from anymodal.masks import build_attention_mask
+from anymodal.model.unified import ContinuousInput
+
+RECIPES = {"continuous": ROOT / "recipes/models/transfusion-shapes.yaml",
+           "discrete": ROOT / "recipes/models/chameleon-shapes.yaml"}
+CPU = ROOT / "recipes/strategy/cpu.yaml"
+SEQ_LEN = {"continuous": 96, "discrete": 160}  # a 32 px image is 16 patches, or 64 codes
+
+
+def cli_args(path: str, tokenizer_dirs: dict, root: Path) -> list[str]:
+    """`anymodal fit` of the path's recipe, debug size, everything written under `root`."""
+    return ["fit", "--config", str(RECIPES[path]), "--config", str(CPU),
+            "--model.init_args.text_tokenizer", TEXT_TOKENIZER,
+            "--model.init_args.image_tokenizer", tokenizer_dirs[path]]
+
+
+@pytest.mark.parametrize("path", ["continuous", "discrete"])
+def test_two_step_fit_of_each_recipe_through_the_cli(tokenizer_dirs, tmp_path, monkeypatch, path):
+    monkeypatch.setattr(sys, "argv", ["anymodal"])  # LightningCLI warns when it sees pytest's arguments too
+    main(cli_args(path, tokenizer_dirs, tmp_path) + [
+        "--model.init_args.size", "debug", "--data.init_args.batch_size", "2", "--data.init_args.val_batches", "1",
+        "--trainer.max_steps=2", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.log_every_n_steps=1",
+        "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+    ])
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(train) == 2 and len(val) == 1 and np.isfinite(train + val).all()
+    code_loss = [float(r["train/code_loss"]) for r in rows if r.get("train/code_loss")]
+    diffusion = [float(r["train/diffusion_loss"]) for r in rows if r.get("train/diffusion_loss")]
+    assert (max(code_loss) > 0) == (path == "discrete") and (max(diffusion) > 0) == (path == "continuous")
+    assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
+
+
+def encoded_batch(system, tasks: list[str], seq_len: int, rows: int = 2, seed: int = 0) -> Batch:
+    """One packed batch of shapes-world documents, images already encoded (codes or latents)."""
+    rng = np.random.default_rng(seed)
+    docs = [ShapesWorld(size=32, seed=seed).document(t, rng) for t in tasks]
+    pixels = torch.stack([im.pixels for d in docs for im in d.images])  # (N, 3, 32, 32)
+    with torch.no_grad():
+        encoded = iter(system.image_tokenizer.encode(pixels))  # (N, h, w) codes or (N, C, h, w) latents
+    key = "codes" if system.discrete else "latents"
+    docs = [Document([Image(**{key: next(encoded)}) if isinstance(s, Image) else s for s in d.segments], d.task)
+            for d in docs]
+    return collate_rows(next(pack_rows((system.encoder.encode(d) for d in docs), seq_len, rows)), seq_len,
+                        system.text.pad_id)
+
+
+@pytest.mark.parametrize("path, tasks", [("continuous", ["t2i", "caption", "t2i", "vqa"]),
+                                         ("discrete", ["t2i", "caption"])])
+def test_one_batch_overfits(make_system, path, tasks):
+    torch.manual_seed(0)
+    system = make_system(path)
+    batch = encoded_batch(system, tasks, SEQ_LEN[path])
+    assert batch.image_kind == ("codes" if path == "discrete" else "latents")
+    opt = torch.optim.AdamW(system.model.parameters(), lr=3e-3, weight_decay=0.0)
+    # global_step stays 0 in a plain loop, so the diffusion noise and timesteps are the same every step
+    losses = []
+    for _ in range(200):
+        out = system.compute_losses(batch)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        losses.append(out.total.item())
+        if losses[-1] < 0.1 * losses[0]:
+            break
+    assert losses[-1] < 0.1 * losses[0], f"{path}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
+    assert (out.diffusion > 0) == (path == "continuous") and (out.codes > 0) == (path == "discrete")
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(make_system, path: str, steps: int, root: Path, ckpt_path=None, save=None):
+    """Train a debug system `steps` steps in total (resuming from `ckpt_path`); returns (losses, system)."""
+    torch.manual_seed(0)
+    system = make_system(path, ema_decay=0.9)
+    data = UnifiedDataModule([ShapesWorld(size=32, seed=0)], seq_len=SEQ_LEN[path], batch_size=2, seed=0)
+    recorder = LossRecorder()
+    trainer = Trainer(accelerator="cpu", max_steps=steps, gradient_clip_val=1.0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[recorder], default_root_dir=root, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return recorder.losses, system
+
+
+@pytest.mark.parametrize("path", ["continuous", "discrete"])
+def test_resumed_training_repeats_the_uninterrupted_run(make_system, tmp_path, path):
+    straight, _ = fit(make_system, path, 4, tmp_path)
+    first, _ = fit(make_system, path, 2, tmp_path, save=tmp_path / "half.ckpt")
+    second, _ = fit(make_system, path, 4, tmp_path, ckpt_path=tmp_path / "half.ckpt")
+    assert len(straight) == 4 and len(first) == len(second) == 2
+    np.testing.assert_allclose(first + second, straight, rtol=0, atol=1e-6)
+    assert straight[2:] != straight[:2]  # the resumed half does not start the stream over
+
+
+def forward(model, system, batch: Batch, timesteps: torch.Tensor | None = None):
+    """Next-token logits (B, T, V) and continuous predictions (N, C, h, w) of `model` on an encoded batch."""
+    batch, latents = system.encode_images(batch)
+    idx = derive_indices(batch)
+    mask = build_attention_mask(idx.document_ids, idx.continuous_ids, "sdpa")
+    continuous, slots = None, None
+    if latents is not None:
+        slots = system.continuous_slots(batch)
+        t = batch.noised.float() * 500.0 if timesteps is None else timesteps
+        continuous = ContinuousInput(slots, latents, t)
+    hidden = model(model.embed(batch.tokens, continuous), idx.positions, mask)  # (B, T, D)
+    return model.logits(hidden), None if slots is None else model.image_prediction(hidden, slots)
+
+
+def story_batch(system, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    story = ShapesWorld(size=32, seed=3).document("story", np.random.default_rng(0))
+    cfg = system.model_config
+    latents = [torch.randn(cfg.latent_channels, cfg.grid, cfg.grid, generator=g) for _ in story.images]
+    it = iter(latents)
+    doc = Document([Image(latents=next(it)) if isinstance(s, Image) else s for s in story.segments], "story")
+    encoded = system.encoder.encode(doc)
+    return collate_rows([[encoded]], len(encoded), system.text.pad_id)
+
+
+def changed(batch: Batch, which: torch.Tensor) -> Batch:
+    images = batch.images.clone()
+    images[which] = torch.randn_like(images[which])
+    return dataclasses.replace(batch, images=images)
+
+
+def test_later_tokens_do_not_see_the_noised_copy(make_system):
+    system = make_system("continuous", context_policy="clean_and_noised")
+    model = system.model.eval()
+    batch = story_batch(system)
+    hidden_copy = batch.noised & ~batch.visible  # (N,) noised copies that later tokens must not see
+    clean_copy = ~batch.noised
+    assert hidden_copy.sum() == clean_copy.sum() >= 1
+    first_noised = min(off for _, off, _, i in batch.image_slots(CONTINUOUS_IMAGE) if hidden_copy[i])
+    later = slice(first_noised, None)
+    slots = torch.zeros(batch.tokens.shape[1], dtype=torch.bool)
+    for _, off, length, i in batch.image_slots(CONTINUOUS_IMAGE):
+        slots[off:off + length] = hidden_copy[i]
+    with torch.no_grad():
+        logits, _ = forward(model, system, batch)
+        other, _ = forward(model, system, changed(batch, hidden_copy))
+        seen, _ = forward(model, system, changed(batch, clean_copy))
+    text = ~slots[later]
+    torch.testing.assert_close(other[0, later][text], logits[0, later][text], rtol=0, atol=1e-6)
+    assert not torch.allclose(other[0, later][~text], logits[0, later][~text])  # the copy itself did change
+    assert not torch.allclose(seen[0, later][text], logits[0, later][text])  # the clean copy is seen
+    # the training step agrees: the text loss ignores the noised copy, the diffusion loss does not
+    with torch.no_grad():
+        base, moved = system.compute_losses(batch), system.compute_losses(changed(batch, hidden_copy))
+    torch.testing.assert_close(moved.text, base.text, rtol=0, atol=1e-6)
+    assert not torch.isclose(moved.diffusion, base.diffusion)
+
+
+def test_with_shared_noise_later_tokens_see_the_noised_image(make_system):
+    system = make_system("continuous", context_policy="shared")
+    batch = story_batch(system)
+    assert batch.noised.all() and batch.visible.all()
+    first_image = batch.image_slots(CONTINUOUS_IMAGE)[0]
+    later = slice(first_image[1] + first_image[2], None)
+    only_first = torch.zeros(batch.num_images, dtype=torch.bool)
+    only_first[first_image[3]] = True
+    with torch.no_grad():
+        logits, _ = forward(system.model.eval(), system, batch)
+        other, _ = forward(system.model, system, changed(batch, only_first))
+    assert not torch.allclose(other[0, later], logits[0, later])
+
+
+@pytest.fixture
+def bundle(make_system, tmp_path):
+    """(trained system, bundle folder) of a continuous run with EMA weights."""
+    _, system = fit(make_system, "continuous", 2, tmp_path, save=tmp_path / "run.ckpt")
+    return system, export_checkpoint(tmp_path / "run.ckpt", tmp_path / "bundle")
+
+
+def test_export_then_load_gives_the_sampling_models_logits(bundle):
+    system, folder = bundle
+    loaded = load_bundle(folder, expect="continuous")
+    assert loaded.path_kind == "continuous" and len(loaded.text) == len(system.text)
+    assert loaded.meta["step"] == 2 and loaded.image_size == 32
+    batch = encoded_batch(system, ["t2i", "caption", "story"], 256)
+    with torch.no_grad():
+        logits, pred = forward(loaded.model, system, batch)
+        ref_logits, ref_pred = forward(system.sampling_model().eval(), system, batch)
+        trained_logits, _ = forward(system.model.eval(), system, batch)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pred, ref_pred, rtol=0, atol=1e-6)
+    assert not torch.allclose(logits, trained_logits)  # the bundle holds the EMA weights, not the raw ones
+
+
+def test_the_loader_refuses_what_is_not_a_bundle(bundle, tmp_path, tokenizer_dirs):
+    _, folder = bundle
+    for suffix in (".ckpt", ".bin"):
+        pickled = tmp_path / f"pickled{suffix}"
+        pickled.mkdir()
+        torch.save({"state_dict": {}}, pickled / f"model{suffix}")
+        with pytest.raises(BundleError, match=rf"model{suffix}: pickled weights are refused"):
+            load_bundle(pickled)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(BundleError, match="is a Hugging Face .*LlamaForCausalLM.* model folder, not an anymodal bundle"):
+        load_bundle(hf)
+    with pytest.raises(BundleError, match="is an image tokenizer folder"):
+        load_bundle(tokenizer_dirs["continuous"])
+    other = shutil.copytree(folder, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["arch"]["dim"] = 2 * config["model"]["arch"]["dim"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="belong to another architecture than its config.json"):
+        load_bundle(other)
+    with pytest.raises(BundleError, match="is a continuous-path bundle, but a discrete-path one is needed"):
+        load_bundle(folder, expect="discrete")
+
+
+@pytest.mark.parametrize("typo, key", [
+    (["--model.init_args.lrr", "0.1"], "'lrr'"),
+    ("model:\n  init_args:\n    warmup_stepz: 3\n", "'warmup_stepz'"),
+    ("data:\n  init_args:\n    seq_lne: 64\n", "'seq_lne'"),
+    ("trainer:\n  max_stepz: 3\n", "'trainer.max_stepz'"),
+])
+def test_a_recipe_typo_names_the_key(tokenizer_dirs, tmp_path, capsys, monkeypatch, typo, key):
+    monkeypatch.setattr(sys, "argv", ["anymodal"])
+    if isinstance(typo, str):
+        (tmp_path / "typo.yaml").write_text(typo)
+        typo = ["--config", str(tmp_path / "typo.yaml")]
+    with pytest.raises(SystemExit) as exit_:
+        main(cli_args("continuous", tokenizer_dirs, tmp_path) + typo)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert first.startswith("anymodal fit: error:") and key in first, err
+    assert len(err.splitlines()) < 20  # the message, not the whole usage text
