@@ -34,7 +34,7 @@ Run `anymodal <command> --help` for the options of a command.
 """
 
 
-def run_lightning(args: list[str]) -> None:
+def run_lightning(args: list[str]):
     """Run LightningCLI on `args` (the subcommand first). Recipes choose classes by class_path.
 
     A recipe key or flag the parser rejects (a misspelled key, a wrong type) is reported in one line that
@@ -60,7 +60,7 @@ def run_lightning(args: list[str]) -> None:
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # `args` is the command line; LightningCLI warns when both are set
     try:
-        LightningCLI(
+        return LightningCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,

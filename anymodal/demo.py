@@ -46,19 +46,17 @@ class DemoSettings:
     """Denoising steps when sampling the continuous path."""
     seed: int = 0
     """Seed of evaluation."""
+    recipe_root: str | None = None
+    """Folder holding recipes/ (None: the repository this package was installed from)."""
 
 
-def _fit(args: list[str]) -> None:
+def _fit(args: list[str], final: Path | None = None) -> None:
+    """`anymodal fit` in this process; with `final`, the trained state is saved there."""
     from anymodal.cli import run_lightning
 
-    run_lightning(["fit", *args])
-
-
-def _last_checkpoint(run_dir: Path) -> Path:
-    ckpts = sorted(run_dir.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not ckpts:
-        raise FileNotFoundError(f"training wrote no last.ckpt under {run_dir}")
-    return ckpts[-1]
+    cli = run_lightning(["fit", *args])
+    if final is not None:
+        cli.trainer.save_checkpoint(final)
 
 
 def _override(flag: str, value) -> list[str]:
@@ -75,8 +73,12 @@ def run_demo(s: DemoSettings) -> Path:
     from anymodal.generate.tasks import Pipeline
     from anymodal.tokenizers.image import load_image_tokenizer
 
-    out = Path(s.out)
+    out = Path(s.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    root = Path(s.recipe_root) if s.recipe_root else Path(__file__).resolve().parents[1]
+    if not (root / "recipes").is_dir():
+        raise FileNotFoundError(f"no recipes/ folder under {root}; run the demo from the repository "
+                                "(make demo) or pass recipe_root")
     timings: dict[str, float] = {}
     tok_metrics: dict[str, dict] = {}
     grids: dict[str, Path] = {}
@@ -85,11 +87,11 @@ def run_demo(s: DemoSettings) -> Path:
         console.rule(f"[bold]{name}")
         return time.perf_counter()
 
-    for name, recipe, steps in (("shapes-vqvae", "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps),
-                                ("shapes-vae", "recipes/tokenizers/vae-shapes.yaml", s.vae_steps)):
+    for name, recipe, steps in (("shapes-vqvae", root / "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps),
+                                ("shapes-vae", root / "recipes/tokenizers/vae-shapes.yaml", s.vae_steps)):
         t0 = stage(f"image tokenizer {name}")
         run_dir, tok_dir = out / "runs" / name, out / "tokenizers" / name
-        _fit(["--config", recipe, "--trainer.default_root_dir", str(run_dir),
+        _fit(["--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
               "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps)])
         tok = load_image_tokenizer(tok_dir)
         tok_metrics[name] = evaluate_image_tokenizer(tok, ShapesWorld(size=32, seed=4242), n=s.tokenizer_eval_images)
@@ -100,15 +102,17 @@ def run_demo(s: DemoSettings) -> Path:
 
     results = {}
     for name, recipe, tok, steps in (
-            ("transfusion", "recipes/models/transfusion-shapes.yaml", "shapes-vae", s.transfusion_steps),
-            ("chameleon", "recipes/models/chameleon-shapes.yaml", "shapes-vqvae", s.chameleon_steps)):
+            ("transfusion", root / "recipes/models/transfusion-shapes.yaml", "shapes-vae", s.transfusion_steps),
+            ("chameleon", root / "recipes/models/chameleon-shapes.yaml", "shapes-vqvae", s.chameleon_steps)):
         t0 = stage(f"unified model: {name}")
         run_dir = out / "runs" / name
-        _fit(["--config", recipe, "--config", "recipes/strategy/cpu.yaml",
+        _fit(["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
               "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
               "--model.init_args.image_tokenizer", str(out / "tokenizers" / tok),
-              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.size)])
-        export_checkpoint(_last_checkpoint(run_dir), out / name, {"holdout": HOLDOUT})
+              "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
+              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.size)],
+             final=run_dir / "final.ckpt")
+        export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
         timings[f"train {name}"] = time.perf_counter() - t0
         t0 = stage(f"evaluate {name}")
         bundle = load_bundle(out / name)
