@@ -50,7 +50,8 @@ def evaluate_image_tokenizer(tok: VQVAE | VAE, source: Source, n: int = 512, bat
     """Reconstruction metrics of `tok` on the first `n` images of `source`.
 
     Returns psnr and ssim (data range 1), n; for a VQ-VAE codebook_usage and perplexity over the
-    codes of these images; for a shapes-world source shapes_exact, the share of reconstructions the
+    codes of these images and code_roundtrip (share of codes that encoding the decoded image gives back);
+    for a shapes-world source shapes_exact, the share of reconstructions the
     checker reads back to their scene exactly.
     """
     from anymodal.evaluate.shapes import parse_image
@@ -65,13 +66,14 @@ def evaluate_image_tokenizer(tok: VQVAE | VAE, source: Source, n: int = 512, bat
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     is_vq = isinstance(tok, VQVAE)
     counts = torch.zeros(tok.codebook_size if is_vq else 1, dtype=torch.long, device=device)
-    exact, scored = 0, 0
+    exact, scored, same_codes = 0, 0, 0
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)  # (b, 3, H, W)
         if is_vq:
             codes = tok.encode(x)  # (b, h, w)
             counts += torch.bincount(codes.flatten(), minlength=tok.codebook_size)
             recon = tok.decode(codes)
+            same_codes += int((tok.encode(recon.clamp(0, 1)) == codes).sum())
         else:
             recon = tok.decode(tok.encode(x))  # (b, 3, H, W)
         psnr.update(recon, x)
@@ -84,6 +86,7 @@ def evaluate_image_tokenizer(tok: VQVAE | VAE, source: Source, n: int = 512, bat
     metrics = {"psnr": psnr.compute().item(), "ssim": ssim.compute().item(), "n": len(images)}
     if is_vq:
         metrics.update(codebook_stats(counts))
+        metrics["code_roundtrip"] = same_codes / int(counts.sum())
     if scored:
         metrics["shapes_exact"] = exact / scored
     return metrics
