@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from anymodal.tokenizers.grid import check_pixels, latent_grid
+
 
 @dataclass
 class VAEConfig:
@@ -136,16 +138,10 @@ class VAE(nn.Module):
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Latent grid (h, w) of an image of side `image_size` (or (H, W))."""
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.downsample
-        if h % f or w % f:
-            raise ValueError(f"image size {h}x{w} must be divisible by the VAE's downsample={f}")
-        return h // f, w // f
+        return latent_grid(image_size, self.downsample)
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
-        self.grid(tuple(pixels.shape[-2:]))
+        check_pixels(pixels, self.downsample)
 
     def forward(self, pixels: torch.Tensor, sample: bool = True) -> VAEOutput:
         """Encode (sampling the posterior unless `sample=False`) and decode, keeping gradients."""

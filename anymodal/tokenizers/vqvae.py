@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
+from anymodal.tokenizers.grid import check_pixels, latent_grid
+
 DOWNSAMPLES = (4, 8, 16)
 
 
@@ -206,16 +208,10 @@ class VQVAE(nn.Module):
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Code grid (h, w) of an image of side `image_size` (or (H, W))."""
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.config.downsample
-        if h % f or w % f:
-            raise ValueError(f"image size {h}x{w} must be divisible by downsample={f}")
-        return h // f, w // f
+        return latent_grid(image_size, self.config.downsample)
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
-        self.grid(tuple(pixels.shape[-2:]))
+        check_pixels(pixels, self.config.downsample)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D, h, w) -> quantized (B, D, h, w), codes (B, h, w) int64, commitment loss ().
