@@ -21,7 +21,7 @@ import torch
 
 from .document import Document
 from .images import MAX_PIXELS, load_image
-from .sources import InvalidRecord, RecordErrors, Source, document_from_record
+from .sources import InvalidRecord, RecordErrors, Source, document_from_record, repeat_passes
 
 
 class JsonlSource(Source):
@@ -72,9 +72,8 @@ class JsonlSource(Source):
     def documents(self, shard: int, num_shards: int) -> Iterator[Document]:
         self.errors = RecordErrors(str(self.path), self.strict)
         bad: set[int] = set()  # lines already reported, skipped quietly on later passes
-        passes = 0
-        while True:
-            produced = 0
+
+        def one_pass(passes: int) -> Iterator[Document]:
             for number, line in self._lines(shard, num_shards, passes):
                 if not line.strip() or number in bad:
                     continue
@@ -84,16 +83,10 @@ class JsonlSource(Source):
                     bad.add(number)
                     self.errors.skip(f"{self.path}:{number}", e.reason, e.detail)
                     continue
-                produced += 1
                 yield doc
-            passes += 1
-            if not self.loop:
-                return
-            if produced == 0:
-                raise ValueError(
-                    f"JSONL manifest {self.path} holds no readable document for this worker; "
-                    "fix its lines or use fewer DataLoader workers"
-                )
+
+        return repeat_passes(one_pass, self.loop, f"JSONL manifest {self.path} holds no readable document for "
+                             "this worker; fix its lines or use fewer DataLoader workers")
 
     def parse(self, line: str, number: int = 0) -> Document:
         """One manifest line as a Document; raises InvalidRecord with a reason."""

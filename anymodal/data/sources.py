@@ -82,6 +82,24 @@ class Source(IterableDataset):
         return self.length
 
 
+def repeat_passes(one_pass: Callable[[int], Iterator[Document]], loop: bool, empty: str) -> Iterator[Document]:
+    """Yield `one_pass(0)`, then, with `loop`, `one_pass(1)`, ... forever.
+
+    A looping pass that yields nothing raises ValueError(`empty`) instead of spinning forever.
+    """
+    passes = 0
+    while True:
+        produced = 0
+        for doc in one_pass(passes):
+            produced += 1
+            yield doc
+        passes += 1
+        if not loop:
+            return
+        if produced == 0:
+            raise ValueError(empty)
+
+
 class BadRecord(ValueError):
     """A record that could not be read, raised when a source runs with strict=True."""
 

@@ -30,7 +30,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .document import Document, Image, Text
 from .images import MAX_PIXELS, BadImage, load_image
-from .sources import InvalidRecord, RecordErrors, Source, document_from_record
+from .sources import InvalidRecord, RecordErrors, Source, document_from_record, repeat_passes
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 PAIR_TASKS = ("t2i", "caption")
@@ -136,9 +136,8 @@ class WebDatasetSource(Source):
     def documents(self, shard: int, num_shards: int) -> Iterator[Document]:
         self.errors = RecordErrors(self._name(), self.strict)
         rng = self.rng(shard)
-        passes = 0
-        while True:
-            produced = 0
+
+        def one_pass(passes: int) -> Iterator[Document]:
             for sample in self._samples(shard, num_shards, passes):
                 record = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
                 try:
@@ -147,16 +146,10 @@ class WebDatasetSource(Source):
                     self.errors.skip(record, e.reason, e.detail)
                     continue
                 doc.meta.update(source=sample.get("__url__"), key=sample.get("__key__"))
-                produced += 1
                 yield doc
-            passes += 1
-            if not self.loop:
-                return
-            if produced == 0:
-                raise ValueError(
-                    f"shards {self._name()} hold no readable sample for this worker; "
-                    "fix the shards or use fewer DataLoader workers"
-                )
+
+        return repeat_passes(one_pass, self.loop, f"shards {self._name()} hold no readable sample for this "
+                             "worker; fix the shards or use fewer DataLoader workers")
 
     def _load(self, data: bytes) -> torch.Tensor:
         return load_image(data, self.image_size, max_pixels=self.max_pixels)  # (3, image_size, image_size)
