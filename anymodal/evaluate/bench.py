@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
-from anymodal.data.document import Image, Text
+from anymodal.data.images import array_from_pixels
 from anymodal.data.shapes import CELL_NAMES, COLORS, SHAPES, Obj, Scene, ShapesWorld, caption
-from anymodal.evaluate.shapes import ShapesScorer, parse_caption
+from anymodal.evaluate.shapes import ShapesScorer
 from anymodal.generate.engine import ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline
 
@@ -90,10 +89,6 @@ class BenchResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _pixels(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
-
-
 def run_shapes_bench(pipe: Pipeline, settings: BenchSettings, holdout: list[str] | None = None,
                      progress: Callable[[str, int, int], None] | None = None, keep_samples: int = 8) -> BenchResult:
     """Score `pipe`'s bundle on every task; `progress(task, done, total)` is called along the way."""
@@ -148,7 +143,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
         for d, src, t in zip(docs, sources, texts):
             ok = scorer.add_caption(d.meta["scenes"][0], t, heldout)
             if len(kept) < keep:
-                kept.append({"image": _uint8(src), "output": t, "truth": caption(d.meta["scenes"][0]), "exact": ok})
+                kept.append({"image": array_from_pixels(src), "output": t, "truth": caption(d.meta["scenes"][0]), "exact": ok})
     elif task == "vqa":
         sources = [d.segments[0].pixels for d in docs]
         questions = [d.meta["question"] for d in docs]
@@ -156,7 +151,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
         for d, src, q, a in zip(docs, sources, questions, answers):
             ok = scorer.add_vqa(d.meta["answer"], a, heldout)
             if len(kept) < keep:
-                kept.append({"image": _uint8(src), "question": q, "output": a, "truth": d.meta["answer"], "exact": ok})
+                kept.append({"image": array_from_pixels(src), "question": q, "output": a, "truth": d.meta["answer"], "exact": ok})
     elif task == "edit":
         sources = [d.segments[0].pixels for d in docs]
         instructions = [d.meta["instruction"] for d in docs]
@@ -164,7 +159,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
         for d, src, ins, im in zip(docs, sources, instructions, images):
             ok = scorer.add_edit(d.meta["scenes"][1], im, heldout)
             if len(kept) < keep:
-                kept.append({"image": _uint8(src), "instruction": ins, "output_image": im, "exact": ok})
+                kept.append({"image": array_from_pixels(src), "instruction": ins, "output_image": im, "exact": ok})
     elif task == "story":
         for i, d in enumerate(docs):
             prompt = d.segments[0].text
@@ -197,13 +192,3 @@ def _story_scenes(steps, first: Scene) -> tuple[list[Scene] | None, list[np.ndar
     return scenes, images
 
 
-def _uint8(pixels: torch.Tensor) -> np.ndarray:
-    return (pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def prompt_scene(text: str) -> Scene | None:
-    """The scene a t2i prompt describes (a canonical caption), or None."""
-    return parse_caption(text)
-
-
-__all__ = ["BenchSettings", "BenchResult", "apply_edit", "run_shapes_bench", "TASKS", "Image", "Text"]

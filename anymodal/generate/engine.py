@@ -272,7 +272,7 @@ class Engine:
 
     def _in_interval(self, i: int, n: int, sampling: ImageSampling) -> bool:
         lo, hi = sampling.cfg_interval
-        return lo <= i / n < hi or (i / n == 1.0 and hi >= 1.0)
+        return lo <= i / n < hi  # step i of n (i < n) sits at fraction i / n of the trajectory
 
     def _codes(self, sampling: ImageSampling, scales: list[float], generators) -> torch.Tensor:
         cfg, N = self.config, self.config.slots

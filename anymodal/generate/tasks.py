@@ -18,6 +18,7 @@ import torch
 
 from anymodal.checkpoint import Bundle
 from anymodal.data.document import Document, Image, Text
+from anymodal.data.images import array_from_pixels
 from anymodal.data.sequence import EncodedDocument, SequenceEncoder
 from anymodal.generate.engine import Engine, ImageSampling, TextSampling
 
@@ -58,7 +59,7 @@ class Pipeline:
     def decode_images(self, out: torch.Tensor) -> list[np.ndarray]:
         with torch.no_grad():
             pixels = self.bundle.image_tokenizer.decode(out.to(self.device))  # (B, 3, H, W) in [0, 1]
-        return [(p.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for p in pixels]
+        return [array_from_pixels(p) for p in pixels]
 
     def prompt(self, segments: Sequence[Text | Image], task: str) -> EncodedDocument:
         if not segments:
