@@ -87,6 +87,30 @@ def test_checker_catches_mistakes():
     assert math.isnan(scorer.scores()["heldout"]["t2i_exact"])
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_checker_reads_blurred_renders_and_still_catches_wrong_shapes(size):
+    """Decoders round corners; the color-mass rule reads blurred squares as squares."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7 + size)
+    sigma = 0.025 * size  # 0.8 px at 32: corners visibly round, the old corner test failed here
+    for _ in range(60):
+        scene = random_scene(rng)
+        img = render(scene, size, rng).astype(np.float32)
+        blurred = np.stack([ndimage.gaussian_filter(img[..., c], sigma) for c in range(3)], -1)
+        assert parse_image(np.rint(blurred).astype(np.uint8)) == scene
+        swapped = Scene(tuple(Obj(o.color, {"circle": "square", "square": "triangle", "triangle": "circle"}[o.shape],
+                                  o.cell) for o in scene))
+        assert parse_image(np.rint(blurred).astype(np.uint8)) != swapped
+
+
+def test_classify_shape_picks_the_nearest_area():
+    from anymodal.evaluate.shapes import classify_shape
+
+    assert [classify_shape(m) for m in (0.3, 0.5, 0.6, 0.7, 0.785, 0.85, 1.0, 1.4)] == [
+        "triangle", "triangle", "triangle", "circle", "circle", "circle", "square", "square"]
+
+
 def test_checker_ignores_noise_and_blank_images():
     blank = np.full((32, 32, 3), 255, dtype=np.uint8)
     assert parse_image(blank) == Scene(())
