@@ -246,6 +246,9 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="checkpoints/demo", help="where runs, bundles and the report go")
     for flag in ("vqvae", "vae", "chameleon", "transfusion"):
         p.add_argument(f"--{flag}-steps", type=int, default=None, help=f"training steps of the {flag} (default: recipe)")
+    p.add_argument("--vqvae-precision", default="auto",
+                   help="precision of the VQ-VAE's training: auto (bf16-mixed on AMX CPUs and CUDA, else the "
+                        "recipe's 32-true), or any Lightning precision")
     p.add_argument("--size", default=None, help="decoder size of both unified models (default: recipes')")
     p.add_argument("--n", type=int, default=100, help="evaluation documents per task")
     p.add_argument("--tokenizer-eval-images", type=int, default=512, help="images for reconstruction metrics")
@@ -256,6 +259,7 @@ def cmd_demo(ns: argparse.Namespace) -> None:
     from anymodal.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(out=ns.out, vqvae_steps=ns.vqvae_steps, vae_steps=ns.vae_steps,
+                          vqvae_precision=ns.vqvae_precision,
                           chameleon_steps=ns.chameleon_steps, transfusion_steps=ns.transfusion_steps, size=ns.size,
                           n=ns.n, tokenizer_eval_images=ns.tokenizer_eval_images, steps=ns.steps))
 

@@ -32,6 +32,9 @@ class DemoSettings:
     """Training steps of the VQ-VAE (None: its recipe's)."""
     vae_steps: int | None = None
     """Training steps of the VAE (None: its recipe's)."""
+    vqvae_precision: str = "auto"
+    """Lightning precision of the VQ-VAE's training; `auto`: bf16-mixed where the CPU has native
+    bfloat16 units (AMX; 1.6x faster there, same PSNR) or on CUDA, else the recipe's 32-true."""
     chameleon_steps: int | None = None
     """Training steps of the discrete-path model (None: its recipe's)."""
     transfusion_steps: int | None = None
@@ -48,6 +51,23 @@ class DemoSettings:
     """Seed of evaluation."""
     recipe_root: str | None = None
     """Folder holding recipes/ (None: the repository this package was installed from)."""
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 convolutions run on native units here: a CUDA device, or a CPU with AMX tiles.
+
+    CPUs without them emulate bfloat16 and run it several times slower than float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def resolve_precision(precision: str) -> str | None:
+    """`auto` -> bf16-mixed with native bfloat16, else None (keep the recipe's); anything else as given."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if native_bf16() else None
 
 
 def _fit(args: list[str], final: Path | None = None) -> None:
@@ -87,12 +107,15 @@ def run_demo(s: DemoSettings) -> Path:
         console.rule(f"[bold]{name}")
         return time.perf_counter()
 
-    for name, recipe, steps in (("shapes-vqvae", root / "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps),
-                                ("shapes-vae", root / "recipes/tokenizers/vae-shapes.yaml", s.vae_steps)):
-        t0 = stage(f"image tokenizer {name}")
+    tokenizer_stages = (
+        ("shapes-vqvae", root / "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps, resolve_precision(s.vqvae_precision)),
+        ("shapes-vae", root / "recipes/tokenizers/vae-shapes.yaml", s.vae_steps, None))
+    for name, recipe, steps, precision in tokenizer_stages:
+        t0 = stage(f"image tokenizer {name}" + (f" ({precision})" if precision else ""))
         run_dir, tok_dir = out / "runs" / name, out / "tokenizers" / name
         _fit(["--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
-              "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps)])
+              "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps),
+              *_override("trainer.precision", precision)])
         tok = load_image_tokenizer(tok_dir)
         tok_metrics[name] = evaluate_image_tokenizer(tok, ShapesWorld(size=32, seed=4242), n=s.tokenizer_eval_images)
         grid = sorted(run_dir.rglob("*.png"), key=lambda p: p.stat().st_mtime)

@@ -19,3 +19,16 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
         scores = json.loads((out / f"{name}-scores.json").read_text())["scores"]
         assert set(scores) == {"seen", "heldout", "all"} and scores["all"]["n_t2i"] == 2 + 1
     assert (out / "overview.png").is_file()
+
+
+def test_auto_precision_picks_bf16_only_with_native_units(monkeypatch):
+    import torch
+
+    from anymodal.demo import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto") is None  # keep the recipe's 32-true
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto") == "bf16-mixed"
+    assert resolve_precision("32-true") == "32-true"

@@ -109,29 +109,50 @@ def write_report(path: str | Path, results: dict[str, Any], tokenizers: dict[str
     return path
 
 
-def write_overview(path: str | Path, results: dict[str, Any], per_row: int = 6, scale: int = 3) -> Path:
-    """A PNG for the README: per path, t2i samples with their prompts' first words, then edits."""
-    rows: list[tuple[str, list[np.ndarray]]] = []
+def _wrap(text: str, width: int) -> list[str]:
+    """Greedy word wrap to lines of at most `width` characters."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def write_overview(path: str | Path, results: dict[str, Any], per_row: int = 5, scale: int = 4) -> Path:
+    """A PNG for the README: per path, t2i samples and edits (source | result), each framed, with its
+    prompt or instruction under it and a green (exact) or red (not exact) bar above it."""
+    rows: list[tuple[str, list[tuple[np.ndarray, str, bool]]]] = []
     for name, r in results.items():
-        t2i = [s["image"] for s in r.samples.get("t2i", [])][:per_row]
+        t2i = [(s["image"], s["prompt"], s["exact"]) for s in r.samples.get("t2i", [])][:per_row]
         if t2i:
             rows.append((f"{name}: text to image", t2i))
-        edits = [np.concatenate([s["image"], s["output_image"]], 1) for s in r.samples.get("edit", [])][:per_row // 2]
+        edits = [(np.concatenate([s["image"], np.full_like(s["image"][:, :2], 160), s["output_image"]], 1),
+                  s["instruction"], s["exact"]) for s in r.samples.get("edit", [])][:per_row // 2 + 1]
         if edits:
             rows.append((f"{name}: edit (source | result)", edits))
-    cell = 32 * scale
-    width = per_row * (cell + 8) + 8
-    canvas = PILImage.new("RGB", (width, len(rows) * (cell + 28) + 8), "white")
+    tile = 32 * scale
+    chars = tile // 6  # the default bitmap font is 6 px wide
+    lines = 5
+    row_h = 16 + 4 + tile + 4 + lines * 11 + 8
+    width = max(per_row * (tile + 12), 3 * (2 * tile + 20)) + 12
+    canvas = PILImage.new("RGB", (width, len(rows) * row_h + 8), "white")
     draw = ImageDraw.Draw(canvas)
     y = 8
-    for title, images in rows:
+    for title, items in rows:
         draw.text((8, y), title, fill=(0, 0, 0))
         x = 8
-        for im in images:
-            p = PILImage.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), PILImage.NEAREST)
-            canvas.paste(p, (x, y + 16))
-            x += p.width + 8
-        y += cell + 28
+        for image, text, exact in items:
+            p = PILImage.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), PILImage.NEAREST)
+            top = y + 20
+            draw.rectangle((x - 2, top - 2, x + p.width + 1, top + p.height + 1), outline=(170, 170, 170))
+            draw.rectangle((x - 2, top - 6, x + p.width + 1, top - 3), fill=(40, 160, 60) if exact else (210, 50, 50))
+            canvas.paste(p, (x, top))
+            for i, line in enumerate(_wrap(text, chars * p.width // tile)[:lines]):
+                draw.text((x, top + p.height + 4 + 11 * i), line, fill=(60, 60, 60))
+            x += p.width + 12
+        y += row_h
     path = Path(path)
     canvas.save(path)
     return path
