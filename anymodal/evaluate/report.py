@@ -133,10 +133,9 @@ def write_overview(path: str | Path, results: dict[str, Any], per_row: int = 5, 
         if edits:
             rows.append((f"{name}: edit (source | result)", edits))
     tile = 32 * scale
-    chars = tile // 6  # the default bitmap font is 6 px wide
     lines = 5
     row_h = 16 + 4 + tile + 4 + lines * 11 + 8
-    width = max(per_row * (tile + 12), 3 * (2 * tile + 20)) + 12
+    width = max(sum(image.shape[1] * scale + 12 for image, _, _ in items) for _, items in rows) + 8 if rows else 64
     canvas = PILImage.new("RGB", (width, len(rows) * row_h + 8), "white")
     draw = ImageDraw.Draw(canvas)
     y = 8
@@ -149,7 +148,7 @@ def write_overview(path: str | Path, results: dict[str, Any], per_row: int = 5, 
             draw.rectangle((x - 2, top - 2, x + p.width + 1, top + p.height + 1), outline=(170, 170, 170))
             draw.rectangle((x - 2, top - 6, x + p.width + 1, top - 3), fill=(40, 160, 60) if exact else (210, 50, 50))
             canvas.paste(p, (x, top))
-            for i, line in enumerate(_wrap(text, chars * p.width // tile)[:lines]):
+            for i, line in enumerate(_wrap(text, p.width // 6)[:lines]):  # the default font is 6 px wide
                 draw.text((x, top + p.height + 4 + 11 * i), line, fill=(60, 60, 60))
             x += p.width + 12
         y += row_h

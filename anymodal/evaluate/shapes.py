@@ -69,13 +69,9 @@ def _as_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return array
 
 
-def classify_pixels(image: np.ndarray | torch.Tensor, tolerance: float = TOLERANCE) -> np.ndarray:
-    """(S, S) int: index into COLORS per pixel, 6 for background, -1 for neither."""
-    return _nearest_palette(_as_array(image), tolerance)
-
-
 def _nearest_palette(array: np.ndarray, tolerance: float) -> np.ndarray:
-    """float (S, S, 3) in 0..255 -> (S, S) palette index, -1 where none lies within `tolerance`."""
+    """float (S, S, 3) in 0..255 -> (S, S) index into COLORS, 6 for background, -1 where no palette
+    color lies within `tolerance`."""
     d2 = ((array[:, :, None, :] - _PALETTE) ** 2).sum(-1)  # (S, S, 7)
     nearest = d2.argmin(-1)
     return np.where(d2.min(-1) <= tolerance**2, nearest, -1)
