@@ -45,6 +45,25 @@ def test_fsq_option_has_the_product_of_its_levels_as_codebook():
     assert int(codes.max()) < 1000 and vq.encode(vq.decode(codes)).shape == codes.shape
 
 
+@pytest.mark.parametrize("norm, local", [("channel", True), ("group", False)])
+def test_channel_norm_keeps_a_code_blind_to_far_away_content(norm, local):
+    # At 64x64 the encoder's receptive field (53 px) does not reach from one corner to the other:
+    # with `channel` norm the top-left latent ignores a change in the bottom-right corner, with
+    # GroupNorm (image-wide statistics) it does not.
+    vq = small_vq(norm=norm).eval()
+    x = shapes_pixels(1).repeat(1, 1, 2, 2)  # (1, 3, 64, 64)
+    y = x.clone()
+    y[..., 56:, 56:] = 0.0
+    z = vq.encoder(vq.norm(torch.cat([x, y])))  # (2, D, 16, 16)
+    assert torch.equal(z[0, :, 0, 0], z[1, :, 0, 0]) == local
+    assert not torch.equal(z[0, :, -1, -1], z[1, :, -1, -1])
+
+
+def test_an_unknown_norm_is_a_clear_error():
+    with pytest.raises(ValueError, match="norm='batch'"):
+        VQVAEConfig(norm="batch")
+
+
 TRAINED = [p for p in (ROOT / "tokenizers" / "shapes-vqvae", ROOT / "checkpoints" / "demo" / "tokenizers" / "shapes-vqvae")
            if (p / "model.safetensors").is_file()]
 

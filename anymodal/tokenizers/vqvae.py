@@ -34,8 +34,12 @@ class VQVAEConfig:
     """Spatial reduction per side (4, 8 or 16): a 32x32 image at 4 becomes an 8x8 grid of codes."""
     num_res_blocks: int = 1
     """Residual blocks per resolution level in the encoder (the decoder uses the same number)."""
+    norm: Literal["group", "channel"] = "group"
+    """Normalisation in the encoder and decoder. `group`: GroupNorm, whose statistics span the whole
+    image, so every code also depends on content far away. `channel`: LayerNorm over channels at each
+    position, which keeps codes local (a blank patch gets the same code wherever the objects are)."""
     norm_groups: int = 8
-    """GroupNorm groups; must divide every level's width."""
+    """GroupNorm groups (`norm: group`); must divide every level's width."""
     quantizer: Literal["vq", "fsq"] = "vq"
     """`vq`: a learned codebook (VectorQuantize with EMA); `fsq`: finite scalar quantization over `fsq_levels`."""
     codebook_size: int = 1024
@@ -65,10 +69,12 @@ class VQVAEConfig:
     def __post_init__(self) -> None:
         if self.downsample not in DOWNSAMPLES:
             raise ValueError(f"downsample={self.downsample} is not supported; use one of {DOWNSAMPLES}")
+        if self.norm not in ("group", "channel"):
+            raise ValueError(f"norm={self.norm!r} is unknown; use 'group' or 'channel'")
         if self.quantizer not in ("vq", "fsq"):
             raise ValueError(f"quantizer={self.quantizer!r} is unknown; use 'vq' or 'fsq'")
         for w in self.widths:
-            if w % self.norm_groups:
+            if self.norm == "group" and w % self.norm_groups:
                 raise ValueError(f"norm_groups={self.norm_groups} must divide every level width {self.widths}")
         if self.quantizer == "fsq" and (not self.fsq_levels or min(self.fsq_levels) < 2):
             raise ValueError(f"fsq_levels={self.fsq_levels} needs at least one level, each >= 2")
@@ -124,14 +130,26 @@ class VQOutput:
     commit_loss: torch.Tensor
 
 
-class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip."""
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a (B, C, H, W) map."""
 
-    def __init__(self, c_in: int, c_out: int, groups: int):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make_norm(cfg: VQVAEConfig, channels: int) -> nn.Module:
+    """The normalisation layer `cfg.norm` names, for `channels` channels."""
+    return nn.GroupNorm(cfg.norm_groups, channels) if cfg.norm == "group" else ChannelNorm(channels)
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip."""
+
+    def __init__(self, c_in: int, c_out: int, cfg: VQVAEConfig):
         super().__init__()
         self.block = nn.Sequential(
-            nn.GroupNorm(groups, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-            nn.GroupNorm(groups, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
+            make_norm(cfg, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+            make_norm(cfg, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
         )
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -144,13 +162,13 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        w, g = cfg.widths, cfg.norm_groups
+        w = cfg.widths
         layers: list[nn.Module] = [nn.Conv2d(3, w[0], 3, padding=1)]
         for i, c in enumerate(w):
-            layers += [ResBlock(c, c, g) for _ in range(cfg.num_res_blocks)]
+            layers += [ResBlock(c, c, cfg) for _ in range(cfg.num_res_blocks)]
             if i + 1 < len(w):
                 layers.append(nn.Conv2d(c, w[i + 1], 3, stride=2, padding=1))
-        layers += [ResBlock(w[-1], w[-1], g), nn.GroupNorm(g, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.latent_dim, 1)]
+        layers += [ResBlock(w[-1], w[-1], cfg), make_norm(cfg, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.latent_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,13 +180,13 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        w, g = cfg.widths[::-1], cfg.norm_groups
-        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, w[0], 3, padding=1), ResBlock(w[0], w[0], g)]
+        w = cfg.widths[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, w[0], 3, padding=1), ResBlock(w[0], w[0], cfg)]
         for i, c in enumerate(w):
-            layers += [ResBlock(c, c, g) for _ in range(cfg.num_res_blocks)]
+            layers += [ResBlock(c, c, cfg) for _ in range(cfg.num_res_blocks)]
             if i + 1 < len(w):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, w[i + 1], 3, padding=1)]
-        layers += [nn.GroupNorm(g, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], 3, 3, padding=1)]
+        layers += [make_norm(cfg, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], 3, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
