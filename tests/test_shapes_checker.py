@@ -18,6 +18,7 @@ from anymodal.data.shapes import (
     random_scene,
     render,
 )
+from anymodal.evaluate.bench import read_as
 from anymodal.evaluate.shapes import METRICS, ShapesScorer, parse_caption, parse_image
 
 
@@ -185,3 +186,11 @@ def test_vqa_and_caption_scoring():
     row = scorer.scores()
     assert row["seen"]["vqa_acc"] == 0.5 and row["seen"]["caption_exact"] == 0.5
     assert row["heldout"]["caption_exact"] == 1.0 and row["all"]["n_caption"] == 3
+
+
+def test_a_wrong_image_is_reported_with_what_the_checker_read():
+    scene = Scene(objects=(Obj("red", "circle", 0), Obj("blue", "square", 4)))
+    image = np.asarray(render(scene, 32, np.random.default_rng(0)))
+    assert read_as(image, exact=True) is None
+    assert read_as(image, exact=False) == "a red circle at the top left and a blue square at the center"
+    assert read_as(np.full((32, 32, 3), 255, np.uint8), exact=False) == "no object"

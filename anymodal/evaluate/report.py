@@ -46,14 +46,20 @@ def metric_table(results: dict[str, Any]) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _read(sample: dict[str, Any]) -> str:
+    """What the checker read in a wrong image, under it."""
+    read = sample.get("read")
+    return f"<p class='truth'>checker read: {html.escape(read)}</p>" if read else ""
+
+
 def task_samples(task: str, samples: list[dict[str, Any]]) -> str:
     cards = []
     for s in samples:
         if task == "t2i":
-            body = f"{_img(s['image'])}<p>{html.escape(s['prompt'])}</p>"
+            body = f"{_img(s['image'])}<p>{html.escape(s['prompt'])}</p>{_read(s)}"
         elif task == "edit":
             body = (f"{_img(s['image'])} &rarr; {_img(s['output_image'])}"
-                    f"<p>{html.escape(s['instruction'])}</p>")
+                    f"<p>{html.escape(s['instruction'])}</p>{_read(s)}")
         elif task == "caption":
             body = (f"{_img(s['image'])}<p><b>{html.escape(s['output'])}</b></p>"
                     f"<p class='truth'>truth: {html.escape(s['truth'])}</p>")
