@@ -8,7 +8,7 @@ HERE = Path(__file__).resolve().parent
 
 if __name__ == "__main__":
     failed = []
-    for script in ("train_throughput.py", "sampling.py"):
+    for script in ("train_throughput.py", "sampling.py", "tokenizer_norm.py"):
         print(f"== {script}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script), *sys.argv[1:]]).returncode:
             failed.append(script)
