@@ -37,7 +37,8 @@ class VQVAEConfig:
     norm: Literal["group", "channel"] = "group"
     """Normalisation in the encoder and decoder. `group`: GroupNorm, whose statistics span the whole
     image, so every code also depends on content far away. `channel`: LayerNorm over channels at each
-    position, which keeps codes local (a blank patch gets the same code wherever the objects are)."""
+    position, which keeps codes local: a code depends only on what lies within the encoder's receptive
+    field, so decode-then-encode gives back more codes (shapes world: 0.91-0.92 against 0.88-0.90)."""
     norm_groups: int = 8
     """GroupNorm groups (`norm: group`); must divide every level's width."""
     quantizer: Literal["vq", "fsq"] = "vq"
