@@ -167,7 +167,7 @@ def _image_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="text guidance scale (1 = off)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="apply guidance only on this fraction of the trajectory")
-    p.add_argument("--temperature", type=float, default=1.0, help="code sampling temperature (discrete path)")
+    p.add_argument("--temperature", type=float, default=0.3, help="code sampling temperature (discrete path)")
     p.add_argument("--top-k", type=int, default=0, help="code sampling top-k (discrete path; 0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
 
@@ -235,7 +235,7 @@ def _eval_shapes_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (continuous path)")
     p.add_argument("--cfg", type=float, default=3.0, help="text guidance scale")
     p.add_argument("--cfg-image", type=float, default=1.5, help="source-image guidance scale (edits)")
-    p.add_argument("--temperature", type=float, default=1.0, help="code temperature (discrete path)")
+    p.add_argument("--temperature", type=float, default=0.3, help="code temperature (discrete path)")
     p.add_argument("--top-k", type=int, default=0, help="code top-k (discrete path)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")

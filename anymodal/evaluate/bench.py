@@ -69,7 +69,7 @@ class BenchSettings:
     """Text guidance scale."""
     cfg_image: float = 1.5
     """Source-image guidance scale (editing)."""
-    code_temperature: float = 1.0
+    code_temperature: float = 0.3
     """Sampling temperature of image codes (discrete path)."""
     code_top_k: int = 0
     """Top-k of image codes (discrete path); 0 = all."""
