@@ -18,7 +18,6 @@ from anymodal.data.shapes import (
     random_scene,
     render,
 )
-from anymodal.evaluate.bench import read_as
 from anymodal.evaluate.shapes import METRICS, ShapesScorer, parse_caption, parse_image
 
 
@@ -191,6 +190,16 @@ def test_vqa_and_caption_scoring():
 def test_a_wrong_image_is_reported_with_what_the_checker_read():
     scene = Scene(objects=(Obj("red", "circle", 0), Obj("blue", "square", 4)))
     image = np.asarray(render(scene, 32, np.random.default_rng(0)))
-    assert read_as(image, exact=True) is None
-    assert read_as(image, exact=False) == "a red circle at the top left and a blue square at the center"
-    assert read_as(np.full((32, 32, 3), 255, np.uint8), exact=False) == "no object"
+    scorer = ShapesScorer()
+    assert scorer.read(image) == "a red circle at the top left and a blue square at the center"
+    assert scorer.read(np.full((32, 32, 3), 255, np.uint8)) == "no object"
+
+
+def test_the_report_shows_the_reading_of_wrong_samples_only():
+    from anymodal.evaluate.report import task_samples
+
+    image = np.full((32, 32, 3), 255, np.uint8)
+    wrong = {"prompt": "a red circle at the top left", "image": image, "exact": False, "read": "no object"}
+    right = {"prompt": "a red circle at the top left", "image": image, "exact": True, "read": None}
+    assert "checker read: no object" in task_samples("t2i", [wrong])
+    assert "checker read" not in task_samples("t2i", [right])

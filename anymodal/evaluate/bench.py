@@ -17,7 +17,7 @@ import numpy as np
 
 from anymodal.data.images import array_from_pixels
 from anymodal.data.shapes import CELL_NAMES, COLORS, SHAPES, Obj, Scene, ShapesWorld, caption
-from anymodal.evaluate.shapes import ShapesScorer, parse_image
+from anymodal.evaluate.shapes import ShapesScorer
 from anymodal.generate.engine import ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline
 
@@ -136,7 +136,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
         for d, p, im in zip(docs, prompts, images):
             ok = scorer.add_t2i(d.meta["scenes"][0], im, heldout)
             if len(kept) < keep:
-                kept.append({"prompt": p, "image": im, "exact": ok, "read": read_as(im, ok)})
+                kept.append({"prompt": p, "image": im, "exact": ok, "read": None if ok else scorer.read(im)})
     elif task == "caption":
         sources = [d.segments[0].pixels for d in docs]
         texts = pipe.caption(sources, greedy, bs, progress=tick)
@@ -160,7 +160,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
             ok = scorer.add_edit(d.meta["scenes"][1], im, heldout)
             if len(kept) < keep:
                 kept.append({"image": array_from_pixels(src), "instruction": ins, "output_image": im, "exact": ok,
-                             "read": read_as(im, ok)})
+                             "read": None if ok else scorer.read(im)})
     elif task == "story":
         for i, d in enumerate(docs):
             prompt = d.segments[0].text
@@ -171,14 +171,6 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
             if len(kept) < keep:
                 kept.append({"steps": [(s.text, s.image) for s in steps], "exact": ok})
             tick(1)
-
-
-def read_as(image: np.ndarray, exact: bool) -> str | None:
-    """What the checker reads in a generated image that is not exact, as a caption (None when exact)."""
-    if exact:
-        return None
-    scene = parse_image(image)
-    return caption(scene) if scene.objects else "no object"
 
 
 def _story_scenes(steps, first: Scene) -> tuple[list[Scene] | None, list[np.ndarray]]:

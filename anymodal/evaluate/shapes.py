@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from anymodal.data.shapes import BACKGROUND, BOX, CELL_NAMES, COLORS, MAX_OBJECTS, SHAPES, Obj, Scene
+from anymodal.data.shapes import BACKGROUND, BOX, CELL_NAMES, COLORS, MAX_OBJECTS, SHAPES, Obj, Scene, caption
 
 _COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([*COLORS.values(), BACKGROUND], dtype=np.float32)  # (7, 3); index 6 is white
@@ -199,6 +199,11 @@ class ShapesScorer:
 
     def parse(self, image: np.ndarray | torch.Tensor) -> Scene:
         return parse_image(image, self.tolerance, self.min_area)
+
+    def read(self, image: np.ndarray | torch.Tensor) -> str:
+        """What this checker reads in `image`, as a canonical caption ("no object" when empty)."""
+        scene = self.parse(image)
+        return caption(scene) if scene.objects else "no object"
 
     def _tally(self, heldout: bool) -> _Tally:
         return self._tallies["heldout" if heldout else "seen"]
