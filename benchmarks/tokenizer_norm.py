@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
+from sampling import machine  # this folder's benchmarks share the machine record
 
 from anymodal.data.shapes import ShapesWorld
 from anymodal.demo import native_bf16
@@ -33,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tokenizers" / "vqvae-shapes.yaml"
 
 
-def build(norm: str, device: torch.device) -> tuple[VQVAE, torch.optim.Optimizer]:
-    recipe = yaml.safe_load(RECIPE.read_text())
+def build(recipe: dict, norm: str, device: torch.device) -> tuple[VQVAE, torch.optim.Optimizer]:
     config = VQVAEConfig(**{**recipe["model"]["init_args"]["config"], "norm": norm})
     torch.manual_seed(0)
     model = VQVAE(config).to(device).to(memory_format=torch.channels_last)
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [torch.stack([d.images[0].pixels for d in itertools.islice(source, batch_size)]).to(device)
                for _ in range(warmup + steps)]  # (B, 3, 32, 32) each
 
-    runs = {norm: build(norm, device) for norm in ("group", "channel")}
+    runs = {norm: build(recipe, norm, device) for norm in ("group", "channel")}
     times: dict[str, list[float]] = {norm: [] for norm in runs}
 
     def step(norm: str, pixels: torch.Tensor) -> float:
@@ -88,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ms = {norm: 1e3 * statistics.median(t) for norm, t in times.items()}
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": str(device), "native_bf16": native_bf16(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "machine": {**machine(str(device)), "native_bf16": native_bf16()},
         "recipe": str(RECIPE.relative_to(ROOT)), "precision": args.precision, "batch_size": batch_size,
         "steps": steps, "step_ms_median": ms, "channel_over_group": ms["channel"] / ms["group"],
     }
