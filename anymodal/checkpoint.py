@@ -1,6 +1,8 @@
 """Inference bundles: a folder that holds everything sampling needs, loaded with one call.
 
-    BUNDLE/config.json          {"format": "anymodal-bundle", "model": ModelConfig, "objective": ..., ...}
+    BUNDLE/config.json          {"format": "anymodal-bundle", "model": ModelConfig, ...}
+    BUNDLE/objective.json       the diffusion objective's whole config (continuous path), as diffusers saves
+                                scheduler_config.json; the sampler may still be chosen at sampling time
     BUNDLE/model.safetensors    the sampling weights (the EMA when the run kept one)
     BUNDLE/text_tokenizer/      a Hugging Face tokenizer folder
     BUNDLE/image_tokenizer/     an image tokenizer folder (anymodal.tokenizers.image)
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from anymodal.diffusion.schedule import build_objective
+from anymodal.diffusion.schedule import objective_from_config
 from anymodal.model.unified import ModelConfig, UnifiedModel
 from anymodal.tokenizers.image import load_image_tokenizer, save_image_tokenizer
 from anymodal.tokenizers.text import TextTokenizer, load_text_tokenizer
@@ -42,20 +44,21 @@ class Bundle:
     image_tokenizer: Any
     objective: Any
     meta: dict[str, Any] = field(default_factory=dict)
-    path: str = ""
+    folder: str = ""
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
 
     @property
-    def path_kind(self) -> str:
+    def image_path(self) -> str:
         """'discrete' or 'continuous'."""
-        return self.model.config.path
+        return self.model.config.image_path
 
     @property
     def image_size(self) -> int:
-        return int(self.meta.get("image_size", 32))
+        """Side of the images in pixels: the model's grid times the image tokenizer's downsampling."""
+        return self.config.grid * self.image_tokenizer.config.downsample
 
     def to(self, device: str | torch.device) -> Bundle:
         self.model.to(device)
@@ -64,13 +67,17 @@ class Bundle:
 
 
 def save_bundle(folder: str | os.PathLike, model: UnifiedModel, text: TextTokenizer, image_tokenizer,
-                objective: str, meta: dict[str, Any] | None = None) -> Path:
-    """Write a bundle folder from a model and its tokenizers."""
+                objective: dict[str, Any] | None, meta: dict[str, Any] | None = None) -> Path:
+    """Write a bundle folder from a model, its tokenizers and (continuous path) its objective's `config()`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "anymodal-unified",
-           "model": model.config.to_dict(), "objective": objective, **(meta or {})}
+           "model": model.config.to_dict(), **(meta or {})}
     (folder / "config.json").write_text(json.dumps(doc, indent=2))
+    if model.config.image_path == "continuous":
+        if objective is None:
+            raise ValueError("a continuous-path bundle needs its diffusion objective's config")
+        (folder / "objective.json").write_text(json.dumps(objective, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
     text.save(folder / "text_tokenizer")
@@ -115,8 +122,8 @@ def load_bundle(folder: str | os.PathLike, device: str | torch.device = "cpu",
         config = ModelConfig.from_dict(doc["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{folder / 'config.json'} has an invalid model config: {e}") from None
-    if expect is not None and config.path != expect:
-        raise BundleError(f"{str(folder)!r} is a {config.path}-path bundle, but a {expect}-path one is needed")
+    if expect is not None and config.image_path != expect:
+        raise BundleError(f"{str(folder)!r} is a {config.image_path}-path bundle, but a {expect}-path one is needed")
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise BundleError(f"{str(folder)!r} has no model.safetensors (pickled weights are refused)")
@@ -139,9 +146,19 @@ def load_bundle(folder: str | os.PathLike, device: str | torch.device = "cpu",
                           f"{config.text_vocab_size}")
     image_tokenizer = load_image_tokenizer(folder / "image_tokenizer")
     image_tokenizer.eval().requires_grad_(False)
-    objective = build_objective(doc.get("objective", "flow")) if config.path == "continuous" else None
+    objective = _read_objective(folder, doc) if config.image_path == "continuous" else None
     meta = {k: v for k, v in doc.items() if k not in ("model",)}
     return Bundle(model, text, image_tokenizer, objective, meta, str(folder)).to(device)
+
+
+def _read_objective(folder: Path, doc: dict[str, Any]):
+    path = folder / "objective.json"
+    if not path.is_file():  # bundles written before objective.json named the objective in config.json
+        return objective_from_config(doc.get("objective", "flow"))
+    try:
+        return objective_from_config(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise BundleError(f"{path} does not describe a diffusion objective ({e})") from None
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -160,20 +177,28 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Turn a UnifiedSystem Lightning checkpoint into a bundle folder (EMA weights when kept)."""
-    from anymodal.systems.unified import UnifiedSystem
+    """Turn a unified-model Lightning checkpoint into a bundle folder (EMA weights when kept).
 
+    The checkpoint records the model config, the objective and the tokenizer folders (`UnifiedSystem.
+    on_save_checkpoint`), so no LightningModule is rebuilt here."""
     ckpt = read_lightning_checkpoint(checkpoint)
-    hp = ckpt.get("hyper_parameters")
-    if not hp or "image_tokenizer" not in hp:
-        raise BundleError(f"{checkpoint} is not a checkpoint of the unified model (no UnifiedSystem hyper-parameters)")
-    import inspect
-
-    accepted = set(inspect.signature(UnifiedSystem.__init__).parameters) - {"self"}
-    system = UnifiedSystem(**{k: v for k, v in hp.items() if k in accepted})  # LightningCLI adds _class_path
-    system.configure_model()
-    system.load_state_dict(ckpt["state_dict"])
-    info = {"image_size": hp.get("image_size", 32), "step": ckpt.get("global_step"),
-            "checkpoint": str(checkpoint), **(meta or {})}
-    return save_bundle(out, system.sampling_model(), system.text, system.image_tokenizer, hp.get("objective", "flow"),
-                       info)
+    record = ckpt.get("anymodal")
+    if not isinstance(record, dict) or "model" not in record:
+        raise BundleError(f"{checkpoint} is not a checkpoint of the unified model (it has no 'anymodal' record; "
+                          "it was written by another system or by an anymodal older than the bundle exporter)")
+    config = ModelConfig.from_dict(record["model"])
+    state = ckpt["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
+    text = load_text_tokenizer(record["text_tokenizer"])
+    image_tokenizer = load_image_tokenizer(record["image_tokenizer"])
+    model = UnifiedModel(config)
+    try:
+        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        image_tokenizer.load_state_dict({k[len("image_tokenizer."):]: v for k, v in state.items()
+                                         if k.startswith("image_tokenizer.")})
+    except RuntimeError as e:
+        raise BundleError(f"the weights in {checkpoint} do not fit the model config it records "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    info = {"step": ckpt.get("global_step"), "checkpoint": str(checkpoint), **(meta or {})}
+    objective = record.get("objective") if config.image_path == "continuous" else None
+    return save_bundle(out, model, text, image_tokenizer, objective, info)

@@ -116,6 +116,9 @@ class ArchConfig:
 SIZES: dict[str, ArchConfig] = {
     # Every test uses this one.
     "debug": ArchConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=512),
+    # The shapes-world recipes: on a 2-core CPU more steps beat more width.
+    "shapes": ArchConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden=384, multiple_of=64,
+                         max_seq_len=1024),
     # Trains on a laptop CPU in minutes.
     "tiny": ArchConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, multiple_of=64, max_seq_len=1024),
     "small": ArchConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=2048),

@@ -40,10 +40,10 @@ def build_model(path: str, text: TextTokenizer, max_seq_len: int, device: str) -
     """An untrained `tiny` unified model: 8x8 latent grid in 2x2 patches (16 slots), or 8x8 = 64 codes."""
     arch = ArchConfig.from_name("tiny", max_seq_len=max_seq_len, attention="sdpa")
     if path == "continuous":
-        config = ModelConfig(arch=arch, text_vocab_size=len(text), path="continuous", latent_channels=4, grid=8,
+        config = ModelConfig(arch=arch, text_vocab_size=len(text), image_path="continuous", latent_channels=4, grid=8,
                              patch_size=2)
     else:
-        config = ModelConfig(arch=arch, text_vocab_size=len(text), path="discrete", codebook_size=1024, grid=8)
+        config = ModelConfig(arch=arch, text_vocab_size=len(text), image_path="discrete", codebook_size=1024, grid=8)
     torch.manual_seed(0)
     return UnifiedModel(config).to(device).eval().requires_grad_(False)
 

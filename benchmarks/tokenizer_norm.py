@@ -23,7 +23,7 @@ import yaml
 from sampling import machine  # this folder's benchmarks share the machine record
 
 from anymodal.data.shapes import ShapesWorld
-from anymodal.demo import native_bf16
+from anymodal.hardware import native_bf16
 from anymodal.systems.tokenizers import reconstruction_loss
 from anymodal.tokenizers.vqvae import VQVAE, VQVAEConfig
 

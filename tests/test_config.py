@@ -59,7 +59,7 @@ def test_bad_values_give_clear_errors(kwargs, message):
 
 
 def test_unknown_names_and_fields_are_listed():
-    with pytest.raises(ValueError, match="unknown model size 'huge'; choose one of debug, tiny"):
+    with pytest.raises(ValueError, match="unknown model size 'huge'; choose one of debug, shapes, tiny"):
         ArchConfig.from_name("huge")
     with pytest.raises(ValueError, match="ArchConfig has no field dimm"):
         ArchConfig.from_name("debug", dimm=3)

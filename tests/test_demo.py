@@ -2,7 +2,7 @@
 
 import json
 
-from anymodal.demo import DemoSettings, run_demo
+from anymodal.commands.demo import DemoSettings, run_demo
 
 
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
 def test_auto_precision_picks_bf16_only_with_native_units(monkeypatch):
     import torch
 
-    from anymodal.demo import resolve_precision
+    from anymodal.hardware import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)

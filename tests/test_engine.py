@@ -21,8 +21,8 @@ def _bundle(make_system, tmp_path, path: str) -> Bundle:
     """A debug-size bundle written and loaded back, with heads that make sampling non-trivial."""
     size = IMAGE_SIZE[path]
     system = make_system(path, image_size=size)
-    folder = save_bundle(tmp_path / path, system.sampling_model(), system.text, system.image_tokenizer, "flow",
-                         {"image_size": size})
+    folder = save_bundle(tmp_path / path, system.sampling_model(), system.text, system.image_tokenizer,
+                         system.objective.config())
     bundle = load_bundle(folder, expect=path)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_guidance_scale_one_is_the_conditional_branch(bundle):
         alone = _engine(bundle, True)
         alone.start(cond)
         ref = alone.generate_image(sampling, [], _gens(8, 9))
-        if bundle.path_kind == "discrete":
+        if bundle.image_path == "discrete":
             assert torch.equal(out, ref)
         else:
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -316,11 +316,11 @@ def test_story_images_back_to_back_are_closed_by_eoi(bundle):
         block = row[i * (L + 2):(i + 1) * (L + 2)]
         assert block[0] == text.boi_id and block[-1] == text.eoi_id
         slots = block[1:-1]
-        if bundle.path_kind == "discrete":
+        if bundle.image_path == "discrete":
             assert all(cfg.code_offset <= s < cfg.vocab_size for s in slots)
         else:
             assert cont[i * (L + 2) + 1:(i + 1) * (L + 2) - 1] == [i] * L  # one continuous image per block
-    if bundle.path_kind == "continuous":  # each image's clean latents, in both branches, entered the cache
+    if bundle.image_path == "continuous":  # each image's clean latents, in both branches, entered the cache
         assert [(im.row, im.timestep) for im in engine.images] == [(0, 0.0), (1, 0.0)] * 3
 
 
@@ -354,4 +354,4 @@ def test_unreadable_images_are_refused(tmp_path, continuous):
 
 def test_bundle_of_the_wrong_kind_is_refused(continuous):
     with pytest.raises(BundleError, match="continuous-path bundle, but a discrete-path one is needed"):
-        load_bundle(continuous.path, expect="discrete")
+        load_bundle(continuous.folder, expect="discrete")

@@ -111,7 +111,7 @@ def test_evaluation_reports_reconstruction_codebook_and_checker_metrics():
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "tokenizers").glob("*.yaml")), ids=lambda p: p.stem)
 def test_two_step_fit_of_each_tokenizer_recipe(recipe, tmp_path):
-    from anymodal.cli import main
+    from anymodal.commands.cli import main
 
     export = tmp_path / "tok"
     main(["fit", "--config", str(recipe), "--trainer.max_steps=2", "--trainer.default_root_dir", str(tmp_path),

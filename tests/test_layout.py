@@ -23,7 +23,7 @@ def test_hf_tokenizers_is_not_shadowed_from_the_repo_root():
 
 
 def test_cli_help_lists_the_commands():
-    from anymodal.cli import OVERVIEW
+    from anymodal.commands.cli import OVERVIEW
 
     for cmd in ("fit", "validate", "test", "eval", "export", "generate", "demo"):
         assert f"  {cmd} " in OVERVIEW

@@ -38,7 +38,7 @@ def _no_pytest_argv(monkeypatch):
 
 
 def parse(*recipes, extra: tuple[str, ...] = ()):
-    """The `fit` config of the composed recipes, parsed as `anymodal fit` parses it (see anymodal.cli)."""
+    """The `fit` config of the composed recipes, parsed as `anymodal fit` parses it (see anymodal.train)."""
     args = ["fit", *(a for r in recipes for a in ("--config", str(r))), *extra]
     with pytest.raises(Parsed) as parsed:
         ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -144,7 +144,7 @@ def test_hidden_copies_share_the_clean_copys_positions(text, world):
 
 
 def test_encoder_rejects_unknown_path_and_policy(text):
-    with pytest.raises(ValueError, match="path="):
+    with pytest.raises(ValueError, match="image_path="):
         SequenceEncoder(text, "pixels", SLOTS)
     with pytest.raises(ValueError, match="context_policy="):
         SequenceEncoder(text, "continuous", SLOTS, context_policy="noised")

@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, Trainer
 
 from anymodal.batch import CONTINUOUS_IMAGE, Batch, derive_indices
 from anymodal.checkpoint import BundleError, export_checkpoint, load_bundle
-from anymodal.cli import main
+from anymodal.commands.cli import main
 from anymodal.data.datamodule import UnifiedDataModule
 from anymodal.data.document import Document, Image
 from anymodal.data.packing import collate_rows, pack_rows
@@ -209,7 +209,7 @@ def bundle(make_system, tmp_path):
 def test_export_then_load_gives_the_sampling_models_logits(bundle):
     system, folder = bundle
     loaded = load_bundle(folder, expect="continuous")
-    assert loaded.path_kind == "continuous" and len(loaded.text) == len(system.text)
+    assert loaded.image_path == "continuous" and len(loaded.text) == len(system.text)
     assert loaded.meta["step"] == 2 and loaded.image_size == 32
     batch = encoded_batch(system, ["t2i", "caption", "story"], 256)
     with torch.no_grad():

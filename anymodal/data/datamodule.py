@@ -110,6 +110,16 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(images, batch_size=self.batch_size, num_workers=0, collate_fn=stack_images)
 
 
+def check_image_sizes(sources: list[Source], image_size: int | None) -> None:
+    """Refuse, in one sentence, a source whose images are not the `image_size` the model is built for."""
+    for source in sources:
+        size = getattr(source, "image_size", None)
+        if image_size is not None and size is not None and size != image_size:
+            raise ValueError(f"{type(source).__name__} yields {size} px images but the model is built for "
+                             f"image_size={image_size}; state the size once in the recipe (a YAML anchor, "
+                             f"as recipes/models/*.yaml do) so data and model agree")
+
+
 class UnifiedDataModule(LightningDataModule):
     """Packed Batches of mixed sources for the unified model.
 
@@ -161,6 +171,7 @@ class UnifiedDataModule(LightningDataModule):
             if module is None or not hasattr(module, "sequence_encoder"):
                 raise ValueError("UnifiedDataModule needs a system with a `sequence_encoder` (UnifiedSystem)")
             self.encoder = module.sequence_encoder
+            check_image_sizes(self.sources + list(self.val_sources or []), getattr(module, "image_size", None))
 
     def stream(self, sources: list[Source], weights: list[float] | None, seed: int, start: int = 0,
                drop: bool = True):

@@ -79,6 +79,11 @@ class DigitsSource(Source):
         if length is None:
             self.length = len(self.labels)
 
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images this source yields, in pixels."""
+        return self.size
     def __repr__(self) -> str:
         return f"DigitsSource(split={self.split!r}, n={len(self.labels)}, size={self.size})"
 

@@ -71,22 +71,22 @@ def drop_conditions(doc: Document, rng: random.Random, p_text: float, p_image: f
 class SequenceEncoder:
     """Turns Documents into EncodedDocuments for one image path."""
 
-    def __init__(self, text: TextTokenizer, path: ImagePath, slots: int,
+    def __init__(self, text: TextTokenizer, image_path: ImagePath, slots: int,
                  context_policy: Literal["clean_and_noised", "shared"] = "clean_and_noised",
                  train_context_images: bool = False) -> None:
         """
         Args:
             text: the text tokenizer (its specials frame documents and images).
-            path: "discrete" (VQ codes in the vocabulary) or "continuous" (VAE latent patches).
+            image_path: "discrete" (VQ codes in the vocabulary) or "continuous" (VAE latent patches).
             slots: sequence positions per image (codes h*w, or patches per image).
             context_policy: how a continuous image that is a target and context enters the sequence.
             train_context_images: also train on images that only condition (codes' cross-entropy, or diffusion).
         """
-        if path not in ("discrete", "continuous"):
-            raise ValueError(f"path={path!r} must be 'discrete' or 'continuous'")
+        if image_path not in ("discrete", "continuous"):
+            raise ValueError(f"image_path={image_path!r} must be 'discrete' or 'continuous'")
         if context_policy not in ("clean_and_noised", "shared"):
             raise ValueError(f"context_policy={context_policy!r} must be 'clean_and_noised' or 'shared'")
-        self.text, self.path, self.slots = text, path, slots
+        self.text, self.image_path, self.slots = text, image_path, slots
         self.context_policy, self.train_context_images = context_policy, train_context_images
 
     def encode(self, doc: Document, add_eos: bool = True) -> EncodedDocument:
@@ -114,7 +114,7 @@ class SequenceEncoder:
             has_context_after = si < len(segments) - 1
             out.tokens.append(t.boi_id)
             predicted.append(True)
-            if self.path == "discrete":
+            if self.image_path == "discrete":
                 self._add_span(out, predicted, DISCRETE_IMAGE, seg, noised=False, visible=True, trained=is_target)
             elif not is_target:
                 self._add_span(out, predicted, CONTINUOUS_IMAGE, seg, noised=False, visible=True, trained=False)

@@ -397,6 +397,11 @@ class ShapesWorld(Source):
         weights = np.array([tasks[t] for t in self.tasks], dtype=np.float64)
         self.cum_weights = np.cumsum(weights / weights.sum())
 
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images this source yields, in pixels."""
+        return self.size
     def documents(self, shard: int, num_shards: int) -> Iterator[Document]:
         rng = self.rng(shard)
         count = shard_count(self.length, shard, num_shards)

@@ -2,17 +2,25 @@
 
 The network never draws timesteps or adds noise; an objective does, with a few verbs:
   noise(x0)                      -> NoisedLatents(x_t, timesteps, target) for training
-  make_sampler(steps)            -> a diffusers scheduler with `set_timesteps` done
+  make_sampler(steps, sampler)   -> a diffusers scheduler with `set_timesteps` done (any of `SAMPLERS`)
   step(sampler, pred, t, x_t)    -> the next, less noisy latents
 Timesteps handed to the network are floats in [0, num_train_timesteps]; 0 means clean.
+`config()` is the objective's whole configuration (saved beside a bundle's weights as objective.json, the way
+diffusers saves scheduler_config.json); `objective_from_config` rebuilds it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
 
 
 @dataclass
@@ -27,10 +35,13 @@ class NoisedLatents:
 class FlowMatching:
     """Rectified flow: x_t = (1 - s) x0 + s noise, the network predicts the velocity noise - x0.
 
-    Sampling uses diffusers' FlowMatchEulerDiscreteScheduler.
+    Sampling uses diffusers' FlowMatchEulerDiscreteScheduler (`euler`, the default) or
+    FlowMatchHeunDiscreteScheduler (`heun`: two network calls per step but the last).
     """
 
+    name = "flow"
     prediction = "velocity"
+    SAMPLERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, logit_normal: bool = True) -> None:
         """
@@ -40,6 +51,11 @@ class FlowMatching:
             logit_normal: draw training sigmas from a logit-normal (favours mid noise levels) instead of uniform.
         """
         self.num_train_timesteps, self.shift, self.logit_normal = num_train_timesteps, shift, logit_normal
+        self.sampler = "euler"
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "num_train_timesteps": self.num_train_timesteps, "shift": self.shift,
+                "logit_normal": self.logit_normal}
 
     def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> NoisedLatents:
         n = x0.shape[0]
@@ -52,8 +68,9 @@ class FlowMatching:
         x_t = (1 - s) * x0 + s * noise  # the same formula as FlowMatchEulerDiscreteScheduler.scale_noise
         return NoisedLatents(x_t, sigma * self.num_train_timesteps, noise - x0)
 
-    def make_sampler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+    def make_sampler(self, steps: int, sampler: str | None = None):
+        cls = self.SAMPLERS[check_sampler(self, sampler)]
+        sched = cls(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
         sched.set_timesteps(steps)
         return sched
 
@@ -65,7 +82,9 @@ class FlowMatching:
 class DDPM:
     """Noise prediction with a DDPM training schedule; sampling with DDIM (default) or DDPM."""
 
+    name = "ddpm"
     prediction = "epsilon"
+    SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  sampler: str = "ddim") -> None:
@@ -75,8 +94,8 @@ class DDPM:
             beta_schedule: diffusers beta schedule name ("linear", "scaled_linear", "squaredcos_cap_v2").
             sampler: "ddim" (deterministic, few steps) or "ddpm" (ancestral).
         """
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler={sampler!r} must be 'ddim' or 'ddpm'")
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} must be one of {', '.join(self.SAMPLERS)}")
         self.num_train_timesteps, self.beta_schedule, self.sampler = num_train_timesteps, beta_schedule, sampler
         self.train_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                              clip_sample=False)
@@ -88,8 +107,12 @@ class DDPM:
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         return NoisedLatents(x_t, t.float(), noise)
 
-    def make_sampler(self, steps: int):
-        cls = DDIMScheduler if self.sampler == "ddim" else DDPMScheduler
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "num_train_timesteps": self.num_train_timesteps,
+                "beta_schedule": self.beta_schedule, "sampler": self.sampler}
+
+    def make_sampler(self, steps: int, sampler: str | None = None):
+        cls = self.SAMPLERS[check_sampler(self, sampler)]
         sched = cls(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                     clip_sample=False)
         sched.set_timesteps(steps)
@@ -100,10 +123,31 @@ class DDPM:
         return sampler.step(pred, t, x_t, generator=generator).prev_sample
 
 
+OBJECTIVES = {"flow": FlowMatching, "ddpm": DDPM}
+
+
+def check_sampler(objective: FlowMatching | DDPM, sampler: str | None) -> str:
+    """The sampler to use: `sampler`, or the objective's own when None; one the objective can drive."""
+    sampler = sampler or objective.sampler
+    if sampler not in objective.SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} does not fit the {objective.name} objective ({objective.prediction} "
+                         f"prediction); choose one of {', '.join(objective.SAMPLERS)}")
+    return sampler
+
+
 def build_objective(name: str, **kwargs) -> FlowMatching | DDPM:
     """'flow' (velocity, the default) or 'ddpm' (noise prediction)."""
-    if name == "flow":
-        return FlowMatching(**kwargs)
-    if name == "ddpm":
-        return DDPM(**kwargs)
-    raise ValueError(f"objective={name!r} must be 'flow' or 'ddpm'")
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} must be one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)
+
+
+def objective_from_config(config: dict[str, Any] | str) -> FlowMatching | DDPM:
+    """The objective `config()` describes (a bare name, as early bundles stored it, takes its defaults)."""
+    if isinstance(config, str):
+        return build_objective(config)
+    config = dict(config)
+    try:
+        return build_objective(config.pop("name"), **config)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"objective config {config} is not one this anymodal can rebuild ({e})") from None

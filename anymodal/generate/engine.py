@@ -151,7 +151,7 @@ class Engine:
             self.doc[r, pad:] = 0
             self.pos[r, pad:] = torch.arange(len(p))
             for (_kind, off, length), image in zip(p.spans, p.images):
-                if self.config.path == "discrete":
+                if self.config.image_path == "discrete":
                     if image.codes is None:
                         raise ValueError("a prompt image must be encoded to codes before sampling")
                     self.ids[r, pad + off:pad + off + length] = image.codes.reshape(-1).cpu() + self.config.code_offset
@@ -267,7 +267,7 @@ class Engine:
             raise ValueError(f"{self.branches} branches need {self.branches - 1} guidance scales, got {scales}")
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
-        if self.config.path == "discrete":
+        if self.config.image_path == "discrete":
             return self._codes(sampling, scales, generators)
         return self._latents(sampling, scales, generators)
 

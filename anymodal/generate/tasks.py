@@ -39,7 +39,7 @@ class Pipeline:
     def __init__(self, bundle: Bundle, use_cache: bool = True) -> None:
         self.bundle, self.use_cache = bundle, use_cache
         cfg = bundle.config
-        self.encoder = SequenceEncoder(bundle.text, cfg.path, cfg.slots)
+        self.encoder = SequenceEncoder(bundle.text, cfg.image_path, cfg.slots)
         self.device = next(bundle.model.parameters()).device
 
     # ------------------------------------------------------------ helpers
@@ -54,7 +54,7 @@ class Pipeline:
                              f"got {tuple(pixels.shape)}; load it with anymodal.data.images.load_image(path, {size})")
         with torch.no_grad():
             out = self.bundle.image_tokenizer.encode(pixels[None].to(self.device).float())[0]
-        return Image(codes=out) if self.bundle.config.path == "discrete" else Image(latents=out)
+        return Image(codes=out) if self.bundle.config.image_path == "discrete" else Image(latents=out)
 
     def decode_images(self, out: torch.Tensor) -> list[np.ndarray]:
         with torch.no_grad():

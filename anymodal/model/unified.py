@@ -30,7 +30,7 @@ class ModelConfig:
     """Decoder shape."""
     text_vocab_size: int
     """Text ids including the specials; image codes start here."""
-    path: Literal["discrete", "continuous"] = "continuous"
+    image_path: Literal["discrete", "continuous"] = "continuous"
     """Image path: 'discrete' (VQ codes in the vocabulary) or 'continuous' (VAE latent patches)."""
     codebook_size: int = 0
     """Number of image codes (discrete path)."""
@@ -40,17 +40,15 @@ class ModelConfig:
     """Side of the image's code grid (discrete) or latent grid (continuous)."""
     patch_size: int = 2
     """Side of a latent patch (continuous path); grid must be divisible by it."""
-    prediction: Literal["velocity", "epsilon"] = "velocity"
-    """What the continuous head predicts: the flow velocity or the DDPM noise."""
 
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):
             self.arch = ArchConfig(**self.arch)
-        if self.path not in ("discrete", "continuous"):
-            raise ValueError(f"path={self.path!r} must be 'discrete' or 'continuous'")
-        if self.path == "discrete" and self.codebook_size <= 0:
+        if self.image_path not in ("discrete", "continuous"):
+            raise ValueError(f"image_path={self.image_path!r} must be 'discrete' or 'continuous'")
+        if self.image_path == "discrete" and self.codebook_size <= 0:
             raise ValueError("the discrete path needs codebook_size > 0 (the image tokenizer's codebook)")
-        if self.path == "continuous" and self.grid % self.patch_size:
+        if self.image_path == "continuous" and self.grid % self.patch_size:
             raise ValueError(f"latent grid={self.grid} must be divisible by patch_size={self.patch_size}")
 
     @property
@@ -59,12 +57,12 @@ class ModelConfig:
 
     @property
     def vocab_size(self) -> int:
-        return self.text_vocab_size + (self.codebook_size if self.path == "discrete" else 0)
+        return self.text_vocab_size + (self.codebook_size if self.image_path == "discrete" else 0)
 
     @property
     def slots(self) -> int:
         """Sequence positions per image."""
-        return self.grid**2 if self.path == "discrete" else (self.grid // self.patch_size) ** 2
+        return self.grid**2 if self.image_path == "discrete" else (self.grid // self.patch_size) ** 2
 
     @property
     def patch_dim(self) -> int:
@@ -75,7 +73,26 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if "path" in d:  # bundles written before the rename
+            d["image_path"] = d.pop("path")
+        d.pop("prediction", None)  # now the objective's (objective.json), never stored twice
         return cls(**d)
+
+
+def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, image_size: int,
+                       patch_size: int = 2) -> ModelConfig:
+    """The unified model over `image_tokenizer` (a VQ-VAE: discrete path; a VAE: continuous) at `image_size` px.
+
+    The grid comes from the tokenizer, so the image size is stated once; a size it cannot tile is refused."""
+    from anymodal.tokenizers.image import tokenizer_kind
+
+    grid = image_tokenizer.grid(image_size)[0]
+    if tokenizer_kind(image_tokenizer) == "vqvae":
+        return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="discrete",
+                           codebook_size=image_tokenizer.codebook_size, grid=grid)
+    return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="continuous",
+                       latent_channels=image_tokenizer.latent_channels, grid=grid, patch_size=patch_size)
 
 
 @dataclass
@@ -102,7 +119,7 @@ class UnifiedModel(nn.Module):
         self.lm_head = nn.Linear(arch.dim, config.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=arch.init_std)
         nn.init.normal_(self.lm_head.weight, std=arch.init_std)
-        if config.path == "continuous":
+        if config.image_path == "continuous":
             self.patch_in = nn.Linear(config.patch_dim, arch.dim)
             self.patch_pos = nn.Parameter(torch.randn(config.slots, arch.dim) * arch.init_std)
             self.time_embed = TimestepEmbedder(arch.dim, time_scale=1.0)  # timesteps arrive in [0, 1000]

@@ -13,15 +13,16 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from anymodal.batch import CONTINUOUS_IMAGE, Batch, derive_indices
-from anymodal.config import ArchConfig
+from anymodal.config import SIZES, ArchConfig
 from anymodal.data.sequence import SequenceEncoder
 from anymodal.diffusion.schedule import build_objective
 from anymodal.losses import Losses, combine, diffusion_loss, token_losses, trained_positions
 from anymodal.masks import build_attention_mask
-from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel
+from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
 from anymodal.tokenizers.image import load_image_tokenizer, tokenizer_kind
 from anymodal.tokenizers.text import load_text_tokenizer
 
@@ -54,9 +55,11 @@ class UnifiedSystem(LightningModule):
             text_tokenizer: folder of the text tokenizer (a Hugging Face tokenizer folder).
             image_tokenizer: folder of a trained image tokenizer; a VQ-VAE selects the discrete path,
                 a VAE the continuous path.
-            size: named decoder size (ArchConfig.from_name): debug, tiny, small, base, 1b, 7b.
-            arch: overrides of the named size's fields, e.g. {dim: 256, n_layers: 6}.
-            image_size: side of the images in pixels.
+            size: named decoder size (ArchConfig.from_name): debug, shapes, tiny, small, base, 1b, 7b.
+            arch: overrides of the named size's fields, e.g. {max_seq_len: 4096}; start-up prints the size it
+                trains when they change it.
+            image_size: side of the images in pixels; the data's sources must yield this size (checked at
+                start-up; recipes state it once with a YAML anchor).
             patch_size: latent patch side (continuous path).
             objective: diffusion objective of the continuous path: flow (velocity) or ddpm (noise).
             diffusion_weight: lambda in CE + lambda * diffusion MSE (Transfusion used 5).
@@ -78,7 +81,7 @@ class UnifiedSystem(LightningModule):
         self.discrete = tokenizer_kind(self.image_tokenizer) == "vqvae"
         self.objective = build_objective(objective)
         self.model_config = self._model_config()
-        self.encoder = SequenceEncoder(self.text, self.model_config.path, self.model_config.slots, context_policy)
+        self.encoder = SequenceEncoder(self.text, self.model_config.image_path, self.model_config.slots, context_policy)
         self.model: UnifiedModel | None = None
         self.ema: AveragedModel | None = None
         self._last_step_time: float | None = None
@@ -87,14 +90,17 @@ class UnifiedSystem(LightningModule):
     def _model_config(self) -> ModelConfig:
         hp = self.hparams
         arch = ArchConfig.from_name(hp.size, **(hp.arch or {}))
-        tok = self.image_tokenizer
-        grid = tok.grid(hp.image_size)[0]
-        if self.discrete:
-            return ModelConfig(arch=arch, text_vocab_size=len(self.text), path="discrete",
-                               codebook_size=tok.codebook_size, grid=grid)
-        return ModelConfig(arch=arch, text_vocab_size=len(self.text), path="continuous",
-                           latent_channels=tok.latent_channels, grid=grid, patch_size=hp.patch_size,
-                           prediction=self.objective.prediction)
+        changed = {k: v for k, v in (hp.arch or {}).items() if getattr(SIZES[hp.size], k) != v}
+        if changed:
+            shape = ", ".join(f"{k}={v}" for k, v in changed.items())
+            rank_zero_info(f"model size {hp.size!r} with the recipe's arch overrides {shape}: trains a decoder of "
+                           f"dim {arch.dim}, {arch.n_layers} layers, {arch.n_heads} heads")
+        return build_model_config(arch, len(self.text), self.image_tokenizer, hp.image_size, hp.patch_size)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images in pixels (the data must yield this size)."""
+        return self.hparams.image_size
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -197,6 +203,13 @@ class UnifiedSystem(LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record what export needs to rebuild the model without this class: plain types only."""
+        checkpoint["anymodal"] = {"model": self.model_config.to_dict(), "objective": self.objective.config(),
+                                  "image_size": self.hparams.image_size,
+                                  "text_tokenizer": str(self.hparams.text_tokenizer),
+                                  "image_tokenizer": str(self.hparams.image_tokenizer)}
 
     def sampling_model(self) -> UnifiedModel:
         """The EMA weights when kept, else the trained ones."""

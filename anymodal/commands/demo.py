@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from anymodal.hardware import resolve_precision
+from anymodal.train import run_lightning
+
 console = Console()
 
 HOLDOUT = ["purple triangle", "cyan circle"]
@@ -34,7 +37,7 @@ class DemoSettings:
     """Training steps of the VAE (None: its recipe's)."""
     vqvae_precision: str = "auto"
     """Lightning precision of the VQ-VAE's training; `auto`: bf16-mixed where the CPU has native
-    bfloat16 units (AMX; 1.6x faster there, same PSNR) or on CUDA, else the recipe's 32-true."""
+    bfloat16 units (AMX; 1.6x faster there, same PSNR) or on CUDA, else the recipe's 32-true (anymodal.hardware)."""
     chameleon_steps: int | None = None
     """Training steps of the discrete-path model (None: its recipe's)."""
     transfusion_steps: int | None = None
@@ -53,27 +56,8 @@ class DemoSettings:
     """Folder holding recipes/ (None: the repository this package was installed from)."""
 
 
-def native_bf16() -> bool:
-    """Whether bfloat16 convolutions run on native units here: a CUDA device, or a CPU with AMX tiles.
-
-    CPUs without them emulate bfloat16 and run it several times slower than float32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
-
-
-def resolve_precision(precision: str) -> str | None:
-    """`auto` -> bf16-mixed with native bfloat16, else None (keep the recipe's); anything else as given."""
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if native_bf16() else None
-
-
 def _fit(args: list[str], final: Path | None = None) -> None:
     """`anymodal fit` in this process; with `final`, the trained state is saved there."""
-    from anymodal.cli import run_lightning
-
     cli = run_lightning(["fit", *args])
     if final is not None:
         cli.trainer.save_checkpoint(final)
@@ -84,18 +68,18 @@ def _override(flag: str, value) -> list[str]:
 
 
 def run_demo(s: DemoSettings) -> Path:
+    from anymodal.benchmark import BenchSettings, run_shapes_bench
     from anymodal.checkpoint import export_checkpoint, load_bundle
+    from anymodal.commands.generate import print_scores
     from anymodal.data.shapes import ShapesWorld
-    from anymodal.evaluate.bench import BenchSettings, run_shapes_bench
     from anymodal.evaluate.reconstruction import evaluate_image_tokenizer
     from anymodal.evaluate.report import write_overview, write_report
-    from anymodal.generate.commands import print_scores
     from anymodal.generate.tasks import Pipeline
     from anymodal.tokenizers.image import load_image_tokenizer
 
     out = Path(s.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(s.recipe_root) if s.recipe_root else Path(__file__).resolve().parents[1]
+    root = Path(s.recipe_root) if s.recipe_root else Path(__file__).resolve().parents[2]
     if not (root / "recipes").is_dir():
         raise FileNotFoundError(f"no recipes/ folder under {root}; run the demo from the repository "
                                 "(make demo) or pass recipe_root")
@@ -142,7 +126,7 @@ def run_demo(s: DemoSettings) -> Path:
         settings = BenchSettings(n=s.n, seed=s.seed, steps=s.steps)
         results[name] = run_shapes_bench(Pipeline(bundle), settings, HOLDOUT)
         timings[f"evaluate {name}"] = time.perf_counter() - t0
-        print_scores(results[name], f"{name} ({bundle.path_kind} path)")
+        print_scores(results[name], f"{name} ({bundle.image_path} path)")
         (out / f"{name}-scores.json").write_text(json.dumps(
             {"scores": results[name].scores, "settings": results[name].settings, "seconds": results[name].seconds},
             indent=2, default=float))

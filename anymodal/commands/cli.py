@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+from anymodal.train import LIGHTNING_COMMANDS, run_lightning
 
 OVERVIEW = """usage: anymodal <command> [options]
 
@@ -34,45 +34,6 @@ Run `anymodal <command> --help` for the options of a command.
 """
 
 
-def run_lightning(args: list[str]):
-    """Run LightningCLI on `args` (the subcommand first). Recipes choose classes by class_path.
-
-    A recipe key or flag the parser rejects (a misspelled key, a wrong type) is reported in one line that
-    names it, followed by jsonargparse's detail, instead of the whole usage text (ANYMODAL_DEBUG=1 keeps it).
-    """
-    import re
-
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-    class Parser(LightningArgumentParser):
-        def error(self, message: str, ex: Exception | None = None):
-            if not self.exit_on_error or os.environ.get("ANYMODAL_DEBUG"):
-                super().error(message, ex)
-            unknown = re.findall(r"class_path '([\w.]+)':\s+Option '([^']+)' is not accepted", message)
-            if unknown:
-                keys = "; ".join(f"{cls} has no option {key!r}" for cls, key in unknown)
-                message = f"{keys} (a misspelled key in a recipe or flag?)\n{message}"
-            print(f"anymodal {args[0]}: error: {message}\n"
-                  f"`anymodal {args[0]} --help` lists the options; `--model.help CLASS` those of a class",
-                  file=sys.stderr)
-            raise SystemExit(2)
-
-    argv, sys.argv = sys.argv, sys.argv[:1]  # `args` is the command line; LightningCLI warns when both are set
-    try:
-        return LightningCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            parser_class=Parser,
-        )
-    finally:
-        sys.argv = argv
-
-
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained tokenizer or bundle")
     which = p.add_subparsers(dest="what", required=True)
@@ -93,7 +54,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     from rich.table import Table
 
     if ns.what == "shapes":
-        from anymodal.generate.commands import run_eval_shapes
+        from anymodal.commands.generate import run_eval_shapes
 
         run_eval_shapes(ns)
         return
@@ -256,7 +217,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(ns: argparse.Namespace) -> None:
-    from anymodal.demo import DemoSettings, run_demo
+    from anymodal.commands.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(out=ns.out, vqvae_steps=ns.vqvae_steps, vae_steps=ns.vae_steps,
                           vqvae_precision=ns.vqvae_precision,
@@ -283,7 +244,7 @@ def cmd_export(ns: argparse.Namespace) -> None:
 
 
 def cmd_generate(ns: argparse.Namespace) -> None:
-    from anymodal.generate.commands import run_generate
+    from anymodal.commands.generate import run_generate
 
     run_generate(ns)
 

@@ -120,7 +120,7 @@ def print_scores(result, title: str) -> None:
 
 
 def run_eval_shapes(ns: argparse.Namespace) -> None:
-    from anymodal.evaluate.bench import TASKS, BenchSettings, run_shapes_bench
+    from anymodal.benchmark import TASKS, BenchSettings, run_shapes_bench
 
     bundle = load_bundle(ns.checkpoint, ns.device)
     tasks = tuple(ns.tasks or TASKS)
@@ -140,10 +140,10 @@ def run_eval_shapes(ns: argparse.Namespace) -> None:
             bar.update(ids[task], completed=done)
 
         result = run_shapes_bench(Pipeline(bundle), settings, holdout, report)
-    sampler = "codes" if bundle.path_kind == "discrete" else type(bundle.objective).__name__
-    print_scores(result, f"{ns.checkpoint}: shapes world ({bundle.path_kind}, {sampler}, seed {ns.seed})")
+    sampler = "codes" if bundle.image_path == "discrete" else type(bundle.objective).__name__
+    print_scores(result, f"{ns.checkpoint}: shapes world ({bundle.image_path}, {sampler}, seed {ns.seed})")
     if ns.json:
-        out = {"bundle": str(ns.checkpoint), "path": bundle.path_kind, "sampler": sampler,
+        out = {"bundle": str(ns.checkpoint), "path": bundle.image_path, "sampler": sampler,
                "settings": result.settings, "holdout": holdout, "scores": result.scores,
                "seconds": result.seconds}
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
