@@ -1,7 +1,8 @@
 """Span and Batch: the one contract between data and model.
 
 A packed row is a run of documents; inside a row, spans mark where each document and each image
-slot lies. Per-token index tensors (document id, image id, position) are derived from the spans once.
+slot lies. Per-token index tensors (document id, continuous-image id, position) are derived from the spans
+once (`derive_indices`; `anymodal.layout.build_layout` hands them to the model).
 
 Span kinds:
   DOCUMENT           a packed document (positions restart at 0 at its offset)
@@ -88,16 +89,14 @@ class TokenIndex:
     """Per-token tensors derived from spans (all (B, T) int64)."""
 
     document_ids: torch.Tensor
-    image_ids: torch.Tensor
     positions: torch.Tensor
     continuous_ids: torch.Tensor
 
 
 def derive_indices(batch: Batch) -> TokenIndex:
-    """Document id, image id, continuous-image id and position of every token, from the spans.
+    """Document id, continuous-image id and position of every token, from the spans.
 
     document_ids: row-local document number, PAD_DOCUMENT outside documents
-    image_ids:    global image index for slots of any image, -1 elsewhere
     continuous_ids: image index for continuous slots only (the bidirectional groups of the mask), -1 elsewhere;
                   an image later tokens may not see (`visible` False) gets -(2 + index) (see masks.py)
     positions:    position within its document (0-based), 0 on padding; a hidden (noised) copy of an image
@@ -106,7 +105,6 @@ def derive_indices(batch: Batch) -> TokenIndex:
     B, T = batch.tokens.shape
     device = batch.tokens.device
     document_ids = torch.full((B, T), PAD_DOCUMENT, dtype=torch.long, device=device)
-    image_ids = torch.full((B, T), -1, dtype=torch.long, device=device)
     continuous_ids = torch.full((B, T), -1, dtype=torch.long, device=device)
     positions = torch.zeros((B, T), dtype=torch.long, device=device)
     spans = batch.spans.tolist()
@@ -119,14 +117,12 @@ def derive_indices(batch: Batch) -> TokenIndex:
             if kind == DOCUMENT:
                 document_ids[r, off:off + length] = doc
                 doc += 1
-            elif kind in (DISCRETE_IMAGE, CONTINUOUS_IMAGE):
-                image_ids[r, off:off + length] = idx
-                if kind == CONTINUOUS_IMAGE:
-                    visible = batch.visible is None or bool(batch.visible[idx])
-                    continuous_ids[r, off:off + length] = idx if visible else -(2 + idx)
-                    if not visible:
-                        counted[r, off:off + length] = 0
-                        hidden_spans.append((r, off, length))
+            elif kind == CONTINUOUS_IMAGE:
+                visible = batch.visible is None or bool(batch.visible[idx])
+                continuous_ids[r, off:off + length] = idx if visible else -(2 + idx)
+                if not visible:
+                    counted[r, off:off + length] = 0
+                    hidden_spans.append((r, off, length))
     # Positions restart at 0 per document and skip hidden (noised) copies, so the clean copy and all later
     # tokens sit where sampling puts them; a hidden copy takes the positions of the clean copy after it.
     for r in range(B):
@@ -138,4 +134,4 @@ def derive_indices(batch: Batch) -> TokenIndex:
         if clean.numel() != length:
             raise ValueError("a hidden (noised) image copy must be followed by its clean copy")
         positions[r, off:off + length] = clean
-    return TokenIndex(document_ids, image_ids, positions, continuous_ids)
+    return TokenIndex(document_ids, positions, continuous_ids)

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from anymodal.data.document import TASKS as DOCUMENT_TASKS
 from anymodal.data.images import array_from_pixels
 from anymodal.data.shapes import CELL_NAMES, COLORS, SHAPES, Obj, Scene, ShapesWorld, caption
 from anymodal.evaluate.shapes import ShapesScorer
-from anymodal.generate.engine import ImageSampling, TextSampling
+from anymodal.generate.settings import ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline
 
-TASKS = ("t2i", "caption", "vqa", "edit", "story")
+TASKS = tuple(t for t in DOCUMENT_TASKS if t != "text")  # t2i, caption, vqa, edit, story
 _C, _S = "|".join(COLORS), "|".join(SHAPES)
 _CELL = "|".join(sorted(CELL_NAMES, key=len, reverse=True))
 _EDITS = [
@@ -63,16 +64,8 @@ class BenchSettings:
     """Documents per task (seen compositions); held-out compositions add n // 4 per task."""
     seed: int = 0
     """Seed of the evaluation scenes and of sampling (scenes use seed + 10007 so they differ from training)."""
-    steps: int = 25
-    """Denoising steps (continuous path)."""
-    cfg: float = 3.0
-    """Text guidance scale."""
-    cfg_image: float = 1.5
-    """Source-image guidance scale (editing)."""
-    code_temperature: float = 0.3
-    """Sampling temperature of image codes (discrete path)."""
-    code_top_k: int = 0
-    """Top-k of image codes (discrete path); 0 = all."""
+    sampling: ImageSampling = field(default_factory=ImageSampling)
+    """How images are sampled (text is always greedy)."""
     batch_size: int = 32
     """Images sampled per batch."""
     story_n: int = 40
@@ -96,9 +89,8 @@ def run_shapes_bench(pipe: Pipeline, settings: BenchSettings, holdout: list[str]
 
     size = pipe.bundle.image_size
     scorer = ShapesScorer()
-    sampling = ImageSampling(steps=settings.steps, cfg=settings.cfg, cfg_image=settings.cfg_image,
-                             temperature=settings.code_temperature, top_k=settings.code_top_k)
-    greedy = TextSampling(temperature=0.0, max_new_tokens=48)
+    sampling = settings.sampling
+    greedy = TextSampling(temperature=0.0)
     splits = [("seen", "train", settings.n)]
     if holdout:
         splits.append(("heldout", "heldout", max(1, settings.n // 4)))

@@ -5,12 +5,12 @@
 Text and discrete image codes attend causally; the patches of one continuous image attend to each other
 both ways; nothing attends across packed documents. The rule reads two per-token tensors over the keys:
 
-    document_ids: (B, Tk) int64  document of each token; padding gets an id of its own (e.g. -1), so real
-                                 tokens never see it and pad rows still see themselves
-    image_ids:    (B, Tk) int64  continuous image of each token, -1 elsewhere (text, discrete codes, pad):
-                                 id >= 0 for an image later tokens see; id <= -2 for a hidden image, whose
-                                 patches only see each other and what precedes them (the noised training copy
-                                 of an image that later tokens see clean); ids are unique within a row
+    document_ids:   (B, Tk) int64  document of each token; padding gets an id of its own (e.g. -1), so real
+                                   tokens never see it and pad rows still see themselves
+    continuous_ids: (B, Tk) int64  continuous image of each token, -1 elsewhere (text, discrete codes, pad):
+                                   id >= 0 for an image later tokens see; id <= -2 for a hidden image, whose
+                                   patches only see each other and what precedes them (the noised training
+                                   copy of an image that later tokens see clean); ids are unique within a row
 
 Queries may be a suffix of the keys (decoding against a KV cache): query i sits at `q_offset + i`.
 
@@ -31,17 +31,17 @@ Backend = Literal["sdpa", "flex"]
 _compiled_create_block_mask = None
 
 
-def mask_mod(document_ids: torch.Tensor, image_ids: torch.Tensor, q_offset: int = 0):
+def mask_mod(document_ids: torch.Tensor, continuous_ids: torch.Tensor, q_offset: int = 0):
     """The attention rule as a FlexAttention mask_mod `(b, h, q_idx, kv_idx) -> bool`.
 
-    document_ids, image_ids: (B, Tk) int64 over all keys; q_offset: position of the first query among them.
+    document_ids, continuous_ids: (B, Tk) int64 over all keys; q_offset: position of the first query among them.
     """
     # A tensor, not a Python int: a compiled flex_attention would otherwise recompile for every offset.
     offset = torch.as_tensor(q_offset, dtype=torch.int64, device=document_ids.device)
 
     def allowed(b, h, q_idx, kv_idx):
         q = q_idx + offset
-        q_image, k_image = image_ids[b, q], image_ids[b, kv_idx]
+        q_image, k_image = continuous_ids[b, q], continuous_ids[b, kv_idx]
         same_document = document_ids[b, q] == document_ids[b, kv_idx]
         same_image = (q_image != -1) & (q_image == k_image)
         visible = k_image >= -1
@@ -50,34 +50,35 @@ def mask_mod(document_ids: torch.Tensor, image_ids: torch.Tensor, q_offset: int 
     return allowed
 
 
-def _check_ids(document_ids: torch.Tensor, image_ids: torch.Tensor, q_len: int | None, q_offset: int) -> int:
+def _check_ids(document_ids: torch.Tensor, continuous_ids: torch.Tensor, q_len: int | None, q_offset: int) -> int:
     """Validates the id tensors and returns the number of queries."""
-    if document_ids.ndim != 2 or document_ids.shape != image_ids.shape:
+    if document_ids.ndim != 2 or document_ids.shape != continuous_ids.shape:
         raise ValueError(
-            f"document_ids {tuple(document_ids.shape)} and image_ids {tuple(image_ids.shape)} must both be (B, Tk)"
+            f"document_ids {tuple(document_ids.shape)} and continuous_ids {tuple(continuous_ids.shape)} "
+            "must both be (B, Tk)"
         )
-    if document_ids.dtype.is_floating_point or image_ids.dtype.is_floating_point:
-        raise ValueError("document_ids and image_ids must be integer tensors")
+    if document_ids.dtype.is_floating_point or continuous_ids.dtype.is_floating_point:
+        raise ValueError("document_ids and continuous_ids must be integer tensors")
     kv_len = document_ids.shape[1]
     q_len = kv_len - q_offset if q_len is None else q_len
     if q_offset < 0 or q_len <= 0 or q_offset + q_len > kv_len:
         raise ValueError(
             f"queries [{q_offset}, {q_offset + q_len}) must lie within the {kv_len} keys; "
-            "document_ids and image_ids must cover the cached keys and the new tokens"
+            "document_ids and continuous_ids must cover the cached keys and the new tokens"
         )
     return q_len
 
 
 def dense_mask(
-    document_ids: torch.Tensor, image_ids: torch.Tensor, q_len: int | None = None, q_offset: int = 0
+    document_ids: torch.Tensor, continuous_ids: torch.Tensor, q_len: int | None = None, q_offset: int = 0
 ) -> torch.Tensor:
     """The rule as a dense boolean mask (True = may attend) for SDPA: (B, 1, Tq, Tk).
 
     q_len defaults to all keys after `q_offset`.
     """
-    q_len = _check_ids(document_ids, image_ids, q_len, q_offset)
+    q_len = _check_ids(document_ids, continuous_ids, q_len, q_offset)
     batch, kv_len = document_ids.shape
-    mod = mask_mod(document_ids, image_ids, q_offset)
+    mod = mask_mod(document_ids, continuous_ids, q_offset)
     # The mask_mod is elementwise, so calling it on broadcast index grids gives create_mask's result
     # (a test pins the two equal) without its vmap, which costs 20-40x more per call.
     device = document_ids.device
@@ -88,12 +89,12 @@ def dense_mask(
 
 
 def block_mask(
-    document_ids: torch.Tensor, image_ids: torch.Tensor, q_len: int | None = None, q_offset: int = 0
+    document_ids: torch.Tensor, continuous_ids: torch.Tensor, q_len: int | None = None, q_offset: int = 0
 ) -> BlockMask:
     """The rule as a FlexAttention BlockMask (built on the device of the ids)."""
-    q_len = _check_ids(document_ids, image_ids, q_len, q_offset)
+    q_len = _check_ids(document_ids, continuous_ids, q_len, q_offset)
     batch, kv_len = document_ids.shape
-    mod = mask_mod(document_ids, image_ids, q_offset)
+    mod = mask_mod(document_ids, continuous_ids, q_offset)
     build = create_block_mask
     if document_ids.is_cuda:  # compiled, it never materialises the (B, Tq, Tk) mask
         global _compiled_create_block_mask
@@ -143,16 +144,16 @@ class AttentionMask:
 
 def build_attention_mask(
     document_ids: torch.Tensor,
-    image_ids: torch.Tensor,
+    continuous_ids: torch.Tensor,
     backend: str = "auto",
     q_offset: int = 0,
     q_len: int | None = None,
 ) -> AttentionMask:
     """The attention mask of one forward pass for `backend` ('sdpa', 'flex' or 'auto').
 
-    document_ids, image_ids: (B, Tk) int64 over all keys (cached + new); queries are the `q_len` tokens
+    document_ids, continuous_ids: (B, Tk) int64 over all keys (cached + new); queries are the `q_len` tokens
     from `q_offset` on (default: all keys after `q_offset`).
     """
     if resolve_backend(backend, document_ids.device) == "flex":
-        return AttentionMask(block=block_mask(document_ids, image_ids, q_len, q_offset), q_offset=q_offset)
-    return AttentionMask(dense=dense_mask(document_ids, image_ids, q_len, q_offset), q_offset=q_offset)
+        return AttentionMask(block=block_mask(document_ids, continuous_ids, q_len, q_offset), q_offset=q_offset)
+    return AttentionMask(dense=dense_mask(document_ids, continuous_ids, q_len, q_offset), q_offset=q_offset)

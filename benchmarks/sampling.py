@@ -52,8 +52,8 @@ def random_prompts(text: TextTokenizer, length: int, generator: torch.Generator)
     """A conditional prompt of `length` tokens (`<bos>` + random text ids) and the unconditional `<bos>`."""
     low = max(text.special_ids) + 1
     ids = torch.randint(low, len(text), (length - 1,), generator=generator).tolist()
-    return [EncodedDocument(tokens=[text.bos_id, *ids], loss_mask=[]),
-            EncodedDocument(tokens=[text.bos_id], loss_mask=[])]
+    return [EncodedDocument(tokens=[text.bos_id, *ids], loss_mask=[False] * length),
+            EncodedDocument(tokens=[text.bos_id], loss_mask=[False])]
 
 
 def time_image(model: UnifiedModel, text: TextTokenizer, objective, prompts: list[EncodedDocument],
@@ -64,7 +64,7 @@ def time_image(model: UnifiedModel, text: TextTokenizer, objective, prompts: lis
         engine = Engine(model, text, objective, use_cache=use_cache)
         cpu0, t0 = os.times(), time.perf_counter()
         engine.start(prompts, branches=2)
-        engine.generate_image(sampling, [sampling.cfg], [torch.Generator().manual_seed(0)])
+        engine.generate_image(sampling, [sampling.guidance], [torch.Generator().manual_seed(0)])
         if model.lm_head.weight.is_cuda:
             torch.cuda.synchronize()
         wall, cpu1 = time.perf_counter() - t0, os.times()

@@ -16,16 +16,16 @@ T = 20
 
 
 def layout(batch: int = 1):
-    """document_ids, image_ids, positions: (B, T) int64 of the layout above."""
+    """document_ids, continuous_ids, positions: (B, T) int64 of the layout above."""
     document_ids = torch.zeros(batch, T, dtype=torch.long)
-    image_ids = torch.full((batch, T), -1, dtype=torch.long)
-    image_ids[:, IMAGE] = 0
+    continuous_ids = torch.full((batch, T), -1, dtype=torch.long)
+    continuous_ids[:, IMAGE] = 0
     positions = torch.arange(T).expand(batch, T)
-    return document_ids, image_ids, positions
+    return document_ids, continuous_ids, positions
 
 
-def run(decoder, h, document_ids, image_ids, positions, **kwargs):
-    mask = build_attention_mask(document_ids, image_ids, "sdpa")
+def run(decoder, h, document_ids, continuous_ids, positions, **kwargs):
+    mask = build_attention_mask(document_ids, continuous_ids, "sdpa")
     return decoder(h, positions, mask, **kwargs)
 
 
@@ -64,28 +64,28 @@ def test_one_patch_changes_every_patch_of_its_image_and_nothing_before_it(decode
 def test_packed_documents_are_independent(decoder):
     # row: doc A (7) | doc B (9, with an image) | padding (4)
     document_ids = torch.tensor([[0] * 7 + [1] * 9 + [-1] * 4])
-    image_ids = torch.full((1, 20), -1)
-    image_ids[0, 9:13] = 3
+    continuous_ids = torch.full((1, 20), -1)
+    continuous_ids[0, 9:13] = 3
     positions = torch.tensor([list(range(7)) + list(range(9)) + [0] * 4])
     h = torch.randn(1, 20, 64)
-    packed = run(decoder, h, document_ids, image_ids, positions)
+    packed = run(decoder, h, document_ids, continuous_ids, positions)
     for span in (slice(0, 7), slice(7, 16)):
-        alone = run(decoder, h[:, span], document_ids[:, span], image_ids[:, span], positions[:, span])
+        alone = run(decoder, h[:, span], document_ids[:, span], continuous_ids[:, span], positions[:, span])
         torch.testing.assert_close(packed[:, span], alone, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(packed).all()  # padding rows see themselves, no NaN
 
 
 @torch.no_grad()
 def test_prefill_then_token_by_token_equals_full_recompute(decoder):
-    document_ids, image_ids, positions = layout(batch=2)
+    document_ids, continuous_ids, positions = layout(batch=2)
     h = torch.randn(2, T, 64)
-    full = run(decoder, h, document_ids, image_ids, positions)
+    full = run(decoder, h, document_ids, continuous_ids, positions)
     cache = decoder.new_cache()
     # prefill the text before the image, write the image as one block, then one token at a time
     steps = [slice(0, 4), IMAGE] + [slice(t, t + 1) for t in range(10, T)]
     for step in steps:
         mask = build_attention_mask(
-            document_ids[:, : step.stop], image_ids[:, : step.stop], "sdpa", q_offset=step.start
+            document_ids[:, : step.stop], continuous_ids[:, : step.stop], "sdpa", q_offset=step.start
         )
         out = decoder(h[:, step], positions[:, step], mask, cache=cache)
         torch.testing.assert_close(out, full[:, step], atol=1e-5, rtol=1e-5)
@@ -94,13 +94,13 @@ def test_prefill_then_token_by_token_equals_full_recompute(decoder):
 
 @torch.no_grad()
 def test_peek_leaves_the_cache_unchanged_and_equals_recompute(decoder):
-    document_ids, image_ids, positions = layout()
+    document_ids, continuous_ids, positions = layout()
     cache = decoder.new_cache()
     prefix = torch.randn(1, 4, 64)
-    mask = build_attention_mask(document_ids[:, :4], image_ids[:, :4], "sdpa")
+    mask = build_attention_mask(document_ids[:, :4], continuous_ids[:, :4], "sdpa")
     decoder(prefix, positions[:, :4], mask, cache=cache)
     keys, values = cache.keys(1).clone(), cache.values(1).clone()
-    image_mask = build_attention_mask(document_ids[:, :10], image_ids[:, :10], "sdpa", q_offset=4)
+    image_mask = build_attention_mask(document_ids[:, :10], continuous_ids[:, :10], "sdpa", q_offset=4)
     for _ in range(3):  # three "denoising steps": new patch inputs, same positions
         patches = torch.randn(1, 6, 64)
         out = decoder(patches, positions[:, IMAGE], image_mask, cache=cache, write_cache=False)
@@ -108,7 +108,7 @@ def test_peek_leaves_the_cache_unchanged_and_equals_recompute(decoder):
             decoder,
             torch.cat([prefix, patches], 1),
             document_ids[:, :10],
-            image_ids[:, :10],
+            continuous_ids[:, :10],
             positions[:, :10],
         )
         torch.testing.assert_close(out, full[:, IMAGE], atol=1e-5, rtol=1e-5)
@@ -118,32 +118,32 @@ def test_peek_leaves_the_cache_unchanged_and_equals_recompute(decoder):
         decoder(
             patches,
             positions[:, IMAGE],
-            build_attention_mask(document_ids[:, :6], image_ids[:, :6], "sdpa"),
+            build_attention_mask(document_ids[:, :6], continuous_ids[:, :6], "sdpa"),
             cache=cache,
         )
 
 
 @torch.no_grad()
 def test_cache_batch_helpers_and_crop(decoder):
-    document_ids, image_ids, positions = layout(batch=2)
+    document_ids, continuous_ids, positions = layout(batch=2)
     h = torch.randn(1, T, 64)
     cache = decoder.new_cache()
     decoder(
         h[:, :12],
         positions[:1, :12],
-        build_attention_mask(document_ids[:1, :12], image_ids[:1, :12], "sdpa"),
+        build_attention_mask(document_ids[:1, :12], continuous_ids[:1, :12], "sdpa"),
         cache=cache,
     )
     doubled = cache.repeat_batch(2)
     assert doubled.batch_size == 2 and doubled.length == 12
-    step = build_attention_mask(document_ids[:, :13], image_ids[:, :13], "sdpa", q_offset=12)
+    step = build_attention_mask(document_ids[:, :13], continuous_ids[:, :13], "sdpa", q_offset=12)
     out = decoder(h[:, 12:13].expand(2, 1, 64), positions[:, 12:13], step, cache=doubled)
-    full = run(decoder, h[:, :13], document_ids[:1, :13], image_ids[:1, :13], positions[:1, :13])
+    full = run(decoder, h[:, :13], document_ids[:1, :13], continuous_ids[:1, :13], positions[:1, :13])
     torch.testing.assert_close(out, full[:, 12:].expand(2, 1, 64), atol=1e-5, rtol=1e-5)
     second = doubled.index_select(torch.tensor([1]))
     assert second.batch_size == 1 and second.length == 13
     second.crop(12)  # back to the prefix: the same token again gives the same output
-    step = build_attention_mask(document_ids[:1, :13], image_ids[:1, :13], "sdpa", q_offset=12)
+    step = build_attention_mask(document_ids[:1, :13], continuous_ids[:1, :13], "sdpa", q_offset=12)
     out = decoder(h[:, 12:13], positions[:1, 12:13], step, cache=second)
     torch.testing.assert_close(out, full[:, 12:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot crop"):
@@ -152,7 +152,7 @@ def test_cache_batch_helpers_and_crop(decoder):
         decoder(
             h[:, 13:14].expand(2, 1, 64),
             positions[:, 13:14],
-            build_attention_mask(document_ids[:, :14], image_ids[:, :14], "sdpa", q_offset=13),
+            build_attention_mask(document_ids[:, :14], continuous_ids[:, :14], "sdpa", q_offset=13),
             cache=second,
         )
 
@@ -161,18 +161,18 @@ def test_cache_batch_helpers_and_crop(decoder):
 @torch.no_grad()
 def test_variants_run_and_cache_still_equals_recompute(overrides):
     decoder = Decoder(ArchConfig.from_name("debug", **overrides)).eval()
-    document_ids, image_ids, positions = layout()
+    document_ids, continuous_ids, positions = layout()
     h = torch.randn(1, T, 64)
-    full = run(decoder, h, document_ids, image_ids, positions)
+    full = run(decoder, h, document_ids, continuous_ids, positions)
     assert full.shape == (1, T, 64) and torch.isfinite(full).all()
     cache = KVCache(decoder.config.n_layers)
     decoder(
         h[:, :10],
         positions[:, :10],
-        build_attention_mask(document_ids[:, :10], image_ids[:, :10], "sdpa"),
+        build_attention_mask(document_ids[:, :10], continuous_ids[:, :10], "sdpa"),
         cache=cache,
     )
-    mask = build_attention_mask(document_ids, image_ids, "sdpa", q_offset=10)
+    mask = build_attention_mask(document_ids, continuous_ids, "sdpa", q_offset=10)
     torch.testing.assert_close(
         decoder(h[:, 10:], positions[:, 10:], mask, cache=cache), full[:, 10:], atol=1e-5, rtol=1e-5
     )
@@ -235,23 +235,23 @@ def test_patchify_round_trip_and_timestep_embedding():
 @torch.no_grad()
 def test_flex_backend_on_cuda_matches_sdpa_and_caches():
     decoder = Decoder(ArchConfig.from_name("debug")).cuda().eval()
-    document_ids, image_ids, positions = (t.cuda() for t in layout(batch=2))
+    document_ids, continuous_ids, positions = (t.cuda() for t in layout(batch=2))
     h = torch.randn(2, T, 64, device="cuda")
-    sdpa = decoder(h, positions, build_attention_mask(document_ids, image_ids, "sdpa"))
-    flex = decoder(h, positions, build_attention_mask(document_ids, image_ids, "auto"))
+    sdpa = decoder(h, positions, build_attention_mask(document_ids, continuous_ids, "sdpa"))
+    flex = decoder(h, positions, build_attention_mask(document_ids, continuous_ids, "auto"))
     torch.testing.assert_close(flex, sdpa, atol=1e-4, rtol=1e-4)
     cache = decoder.new_cache()
     decoder(
         h[:, :10],
         positions[:, :10],
-        build_attention_mask(document_ids[:, :10], image_ids[:, :10], "flex"),
+        build_attention_mask(document_ids[:, :10], continuous_ids[:, :10], "flex"),
         cache=cache,
     )
     for t in range(10, T):
-        mask = build_attention_mask(document_ids[:, : t + 1], image_ids[:, : t + 1], "flex", q_offset=t)
+        mask = build_attention_mask(document_ids[:, : t + 1], continuous_ids[:, : t + 1], "flex", q_offset=t)
         out = decoder(h[:, t : t + 1], positions[:, t : t + 1], mask, cache=cache)
         torch.testing.assert_close(out, sdpa[:, t : t + 1], atol=1e-4, rtol=1e-4)
     bf16 = decoder.to(torch.bfloat16)(
-        h.bfloat16(), positions, build_attention_mask(document_ids, image_ids, "flex")
+        h.bfloat16(), positions, build_attention_mask(document_ids, continuous_ids, "flex")
     )
     torch.testing.assert_close(bf16.float(), sdpa, atol=0.1, rtol=0.1)

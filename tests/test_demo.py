@@ -9,7 +9,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # runs write under the given out folder only
     out = tmp_path / "demo"
     report = run_demo(DemoSettings(out=str(out), vqvae_steps=2, vae_steps=2, chameleon_steps=2, transfusion_steps=2,
-                                   size="debug", n=2, tokenizer_eval_images=8, steps=2, recipe_root=None))
+                                   model_size="debug", n=2, tokenizer_eval_images=8, steps=2, recipe_root=None))
     assert report == out / "report.html" and report.is_file()
     html = report.read_text()
     for piece in ("t2i_exact", "transfusion", "chameleon", "shapes-vqvae", "shapes-vae", "data:image/png;base64",

@@ -128,12 +128,12 @@ def test_discrete_image_cached_equals_uncached(discrete):
     source = _source_image(pipe, 0)
     prompts = [pipe.prompt([source, Text("make it blue")], "edit"), pipe.prompt([Text("a square")], "t2i"),
                pipe.prompt([source], "edit"), pipe.prompt([], "t2i")]
-    sampling = ImageSampling(cfg=3.0, temperature=1.0, top_k=32)
+    sampling = ImageSampling(guidance=3.0, temperature=1.0, top_k=32)
     codes, texts = [], []
     for use_cache in (True, False):
         engine = _engine(discrete, use_cache)
         engine.start(prompts, branches=2)
-        codes.append(engine.generate_image(sampling, [sampling.cfg], _gens(5, 6)))
+        codes.append(engine.generate_image(sampling, [sampling.guidance], _gens(5, 6)))
         texts.append(engine.generate_text(TextSampling(max_new_tokens=6)))
     assert codes[0].shape == (2, 3, 3) and codes[0].dtype == torch.long
     assert torch.equal(codes[0], codes[1])
@@ -145,12 +145,12 @@ def test_continuous_image_cached_equals_uncached_and_text_follows(continuous):
     pipe = Pipeline(continuous)
     prompts = [pipe.prompt([Text("a red circle")], "t2i"), pipe.prompt([Text("two small blue squares")], "t2i"),
                pipe.prompt([], "t2i"), pipe.prompt([], "t2i")]
-    sampling = ImageSampling(steps=4, cfg=3.0)
+    sampling = ImageSampling(steps=4, guidance=3.0)
     latents, after, texts = [], [], []
     for use_cache in (True, False):
         engine = _engine(continuous, use_cache)
         engine.start(prompts, branches=2)
-        latents.append(engine.generate_image(sampling, [sampling.cfg], _gens(1, 2)))
+        latents.append(engine.generate_image(sampling, [sampling.guidance], _gens(1, 2)))
         after.append(engine.last_hidden.clone())  # the hidden state after <eoi>: it read the clean latents
         texts.append(engine.generate_text(TextSampling(max_new_tokens=8)))
     assert latents[0].shape == (2, 4, 8, 8)
@@ -176,7 +176,7 @@ def test_text_after_an_image_depends_on_its_latents(continuous):
 def test_text_to_image_batched_equals_one_at_a_time(bundle):
     pipe = Pipeline(bundle)
     prompts = ["a red circle", "two small blue squares at the top left of the picture"]
-    sampling = ImageSampling(steps=4, cfg=2.0)
+    sampling = ImageSampling(steps=4, guidance=2.0)
     batched = pipe.text_to_image(prompts, seeds=[3, 7], sampling=sampling, batch_size=2)
     single = pipe.text_to_image(prompts, seeds=[3, 7], sampling=sampling, batch_size=1)
     _images_close(batched, single)
@@ -207,11 +207,11 @@ def test_guidance_scale_one_is_the_conditional_branch(bundle):
     no_image = [pipe.prompt([Text("make it blue")], "edit"), pipe.prompt([Text("flip it")], "edit")]
     t2i = [pipe.prompt([Text("a red circle")], "t2i"), pipe.prompt([Text("a square")], "t2i")]
     empty = [pipe.prompt([], "t2i")] * 2
-    sampling = ImageSampling(steps=3, cfg=1.0, cfg_image=1.0, temperature=1.0)
+    sampling = ImageSampling(steps=3, guidance=1.0, image_guidance=1.0, temperature=1.0)
     for cond, others in ((t2i, empty), (full, no_text + no_image)):
         guided = _engine(bundle, True)
         guided.start(cond + others, branches=1 + len(others) // len(cond))
-        scales = [sampling.cfg, sampling.cfg_image][: guided.branches - 1]
+        scales = [sampling.guidance, sampling.image_guidance][: guided.branches - 1]
         out = guided.generate_image(sampling, scales, _gens(8, 9))
         alone = _engine(bundle, True)
         alone.start(cond)
@@ -223,7 +223,7 @@ def test_guidance_scale_one_is_the_conditional_branch(bundle):
     # and a scale above 1 does change the result
     guided = _engine(bundle, True)
     guided.start(t2i + empty, branches=2)
-    out = guided.generate_image(ImageSampling(steps=3, cfg=4.0, temperature=1.0), [4.0], _gens(8, 9))
+    out = guided.generate_image(ImageSampling(steps=3, guidance=4.0, temperature=1.0), [4.0], _gens(8, 9))
     alone = _engine(bundle, True)
     alone.start(t2i)
     assert not torch.allclose(out.float(), alone.generate_image(sampling, [], _gens(8, 9)).float())
@@ -310,7 +310,7 @@ def test_story_images_back_to_back_are_closed_by_eoi(bundle):
         assert engine.generate_text(TextSampling(), stop_at_boi=True) == [[text.boi_id]]
         engine.generate_image(ImageSampling(steps=2), [3.0])
     L, cfg = bundle.config.slots, bundle.config
-    row, cont = engine.ids[0, len(prompt):].tolist(), engine.cont[0, len(prompt):].tolist()
+    row, cont = engine.ids[0, len(prompt):].tolist(), engine.continuous_ids[0, len(prompt):].tolist()
     assert len(row) == 3 * (L + 2)
     for i in range(3):
         block = row[i * (L + 2):(i + 1) * (L + 2)]

@@ -25,9 +25,9 @@ class TextModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, T = tokens.shape
         document_ids = torch.zeros(B, T, dtype=torch.long)  # one document: plain causal attention
-        image_ids = torch.full((B, T), -1, dtype=torch.long)
+        continuous_ids = torch.full((B, T), -1, dtype=torch.long)
         positions = torch.arange(T).expand(B, T)
-        mask = build_attention_mask(document_ids, image_ids, "sdpa")
+        mask = build_attention_mask(document_ids, continuous_ids, "sdpa")
         return self.lm_head(self.decoder(self.embed_tokens(tokens), positions, mask))  # (B, T, V)
 
 

@@ -56,18 +56,18 @@ def reference_mask(docs: list[list[tuple[str, int]]], length: int) -> torch.Tens
 def ids_from_layout(docs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Tk,) document ids (-1 on padding) and image ids (>= 0 visible, <= -2 hidden, -1 elsewhere)."""
     document_ids = torch.full((length,), -1, dtype=torch.long)
-    image_ids = torch.full((length,), -1, dtype=torch.long)
+    continuous_ids = torch.full((length,), -1, dtype=torch.long)
     start, image = 0, 0
     for d, doc in enumerate(docs):
         for kind, n in doc:
             document_ids[start : start + n] = d
             if kind == CONTINUOUS:
-                image_ids[start : start + n] = image
+                continuous_ids[start : start + n] = image
             elif kind == HIDDEN:
-                image_ids[start : start + n] = -(2 + image)
+                continuous_ids[start : start + n] = -(2 + image)
             image += kind in (CONTINUOUS, HIDDEN)
             start += n
-    return document_ids, image_ids
+    return document_ids, continuous_ids
 
 
 def test_dense_mask_matches_reference_on_random_layouts():
@@ -78,8 +78,8 @@ def test_dense_mask_matches_reference_on_random_layouts():
         layouts = [random_layout(rng, length) for _ in range(8)]
         ids = [ids_from_layout(docs, length) for docs in layouts]
         document_ids = torch.stack([d for d, _ in ids])  # (8, T)
-        image_ids = torch.stack([i for _, i in ids])
-        mask = dense_mask(document_ids, image_ids)  # (8, 1, T, T)
+        continuous_ids = torch.stack([i for _, i in ids])
+        mask = dense_mask(document_ids, continuous_ids)  # (8, 1, T, T)
         assert mask.shape == (8, 1, length, length) and mask.dtype == torch.bool
         for row, docs in enumerate(layouts):
             expected = reference_mask(docs, length)
@@ -99,11 +99,11 @@ def test_dense_mask_equals_create_mask_of_the_same_mask_mod():
         length = rng.randint(4, 40)
         ids = [ids_from_layout(random_layout(rng, length), length) for _ in range(4)]
         document_ids = torch.stack([d for d, _ in ids])
-        image_ids = torch.stack([i for _, i in ids])
+        continuous_ids = torch.stack([i for _, i in ids])
         for q_offset in (0, length // 2):
             q_len = length - q_offset
-            expected = create_mask(mask_mod(document_ids, image_ids, q_offset), 4, 1, q_len, length, device="cpu")
-            assert torch.equal(dense_mask(document_ids, image_ids, q_offset=q_offset), expected)
+            expected = create_mask(mask_mod(document_ids, continuous_ids, q_offset), 4, 1, q_len, length, device="cpu")
+            assert torch.equal(dense_mask(document_ids, continuous_ids, q_offset=q_offset), expected)
 
 
 @pytest.mark.parametrize(
@@ -121,16 +121,16 @@ def test_dense_mask_equals_create_mask_of_the_same_mask_mod():
 )
 def test_named_layouts(docs):
     length = sum(n for doc in docs for _, n in doc) + 2  # two pad tokens
-    document_ids, image_ids = ids_from_layout(docs, length)
-    mask = dense_mask(document_ids[None], image_ids[None])[0, 0]
+    document_ids, continuous_ids = ids_from_layout(docs, length)
+    mask = dense_mask(document_ids[None], continuous_ids[None])[0, 0]
     assert torch.equal(mask, reference_mask(docs, length))
 
 
 def test_spot_checks_of_the_rule():
     # text(2) | continuous image(3) | discrete(2) | pad(1)
     docs = [[(TEXT, 2), (CONTINUOUS, 3), (DISCRETE, 2)]]
-    document_ids, image_ids = ids_from_layout(docs, 8)
-    mask = dense_mask(document_ids[None], image_ids[None])[0, 0]
+    document_ids, continuous_ids = ids_from_layout(docs, 8)
+    mask = dense_mask(document_ids[None], continuous_ids[None])[0, 0]
     assert mask[2, 4] and mask[4, 2]  # patches see each other both ways
     assert not mask[1, 2]  # text does not see the image ahead
     assert mask[5, 4] and not mask[5, 6]  # discrete codes: causal
@@ -144,12 +144,12 @@ def test_suffix_queries_equal_rows_of_the_full_mask():
         length = rng.randint(6, 30)
         ids = [ids_from_layout(random_layout(rng, length), length) for _ in range(3)]
         document_ids = torch.stack([d for d, _ in ids])
-        image_ids = torch.stack([i for _, i in ids])
-        full = dense_mask(document_ids, image_ids)
+        continuous_ids = torch.stack([i for _, i in ids])
+        full = dense_mask(document_ids, continuous_ids)
         offset = rng.randint(0, length - 1)
-        assert torch.equal(dense_mask(document_ids, image_ids, q_offset=offset), full[:, :, offset:])
+        assert torch.equal(dense_mask(document_ids, continuous_ids, q_offset=offset), full[:, :, offset:])
         q_len = rng.randint(1, length - offset)
-        part = dense_mask(document_ids, image_ids, q_len=q_len, q_offset=offset)
+        part = dense_mask(document_ids, continuous_ids, q_len=q_len, q_offset=offset)
         assert torch.equal(part, full[:, :, offset : offset + q_len])
 
 
@@ -166,13 +166,13 @@ def test_bad_inputs_give_clear_errors():
     assert resolve_backend("auto", "cpu") == "sdpa"
 
 
-def _flex_vs_sdpa(document_ids, image_ids, q_offset, device="cpu", dtype=torch.float32):
+def _flex_vs_sdpa(document_ids, continuous_ids, q_offset, device="cpu", dtype=torch.float32):
     B, Tk = document_ids.shape
     Tq = Tk - q_offset
     q = torch.randn(B, 4, Tq, 16, device=device, dtype=dtype)
     k, v = torch.randn(2, B, 2, Tk, 16, device=device, dtype=dtype)  # GQA: 2 key/value heads
-    flex = build_attention_mask(document_ids, image_ids, "flex", q_offset=q_offset)
-    sdpa = build_attention_mask(document_ids, image_ids, "sdpa", q_offset=q_offset)
+    flex = build_attention_mask(document_ids, continuous_ids, "flex", q_offset=q_offset)
+    sdpa = build_attention_mask(document_ids, continuous_ids, "sdpa", q_offset=q_offset)
     assert (flex.q_len, flex.kv_len) == (sdpa.q_len, sdpa.kv_len) == (Tq, Tk)
     with torch.no_grad():
         out_flex = flex_attention(q, k, v, block_mask=flex.block, enable_gqa=True)
@@ -189,9 +189,9 @@ def test_flex_attention_agrees_with_sdpa_on_the_dense_mask():
     length = 150  # not a multiple of the 128 block size, and with padding
     ids = [ids_from_layout(row, length) for row in docs]
     document_ids = torch.stack([d for d, _ in ids])
-    image_ids = torch.stack([i for _, i in ids])
+    continuous_ids = torch.stack([i for _, i in ids])
     for q_offset in (0, 100):
-        out_flex, out_sdpa = _flex_vs_sdpa(document_ids, image_ids, q_offset)
+        out_flex, out_sdpa = _flex_vs_sdpa(document_ids, continuous_ids, q_offset)
         torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
 
 
@@ -201,7 +201,7 @@ def test_block_mask_on_cuda_agrees_with_dense_in_bf16():
     length = 384
     ids = [ids_from_layout(random_layout(rng, length // 8) * 8, length) for _ in range(2)]
     document_ids = torch.stack([d for d, _ in ids]).cuda()
-    image_ids = torch.stack([i for _, i in ids]).cuda()
-    assert block_mask(document_ids, image_ids).shape[-2:] == (length, length)
-    out_flex, out_sdpa = _flex_vs_sdpa(document_ids, image_ids, 0, device="cuda", dtype=torch.bfloat16)
+    continuous_ids = torch.stack([i for _, i in ids]).cuda()
+    assert block_mask(document_ids, continuous_ids).shape[-2:] == (length, length)
+    out_flex, out_sdpa = _flex_vs_sdpa(document_ids, continuous_ids, 0, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(out_flex.float(), out_sdpa.float(), atol=2e-2, rtol=2e-2)

@@ -24,6 +24,7 @@ from anymodal.data.packing import collate_rows, pack_rows
 from anymodal.data.sequence import SequenceEncoder, drop_conditions, generated_images
 from anymodal.data.shapes import ShapesWorld
 from anymodal.data.stream import PackedBatches
+from anymodal.layout import build_layout
 from anymodal.tokenizers.text import load_text_tokenizer
 
 SLOTS = 4
@@ -193,13 +194,33 @@ def test_packing_puts_whole_documents_in_rows_with_their_own_positions(text, wor
     assert batch.image_kind == "pixels" and batch.num_images == len(images)
     assert all(torch.equal(batch.images[i], im.pixels) for i, im in enumerate(images))
     for r, off, length, i in batch.image_slots(CONTINUOUS_IMAGE):
-        assert (idx.image_ids[r, off:off + length] == i).all()
         expected = i if batch.visible[i] else -(2 + i)
         assert (idx.continuous_ids[r, off:off + length] == expected).all()
     assert set(batch.spans[batch.image_index < 0][:, 0].tolist()) <= {DOCUMENT, NO_SPAN}
     per_row = [sum(1 + len(d.spans) for d in row) for row in batch_rows]
     assert batch.spans.shape[1] == max(per_row)
     assert all((batch.spans[r, n:, 0] == NO_SPAN).all() for r, n in enumerate(per_row))
+
+
+def test_left_padded_rows_lay_out_like_right_padded_ones_shifted(text, world):
+    """Sampling prompts (`left_pad`) end together: the padding moves to the start of each row, and keeps
+    document id PAD_DOCUMENT, position 0 and continuous id -1."""
+    enc = SequenceEncoder(text, "continuous", SLOTS)
+    docs = [enc.encode_prompt(d) for d in documents(world, ["caption", "t2i", "vqa"])]
+    T = max(len(d) for d in docs)
+    pads = [T - len(d) for d in docs]
+    assert sorted(pads)[0] == 0 and sorted(pads)[1] > 0
+    right = build_layout(collate_rows([[d] for d in docs], T, text.pad_id))
+    left_batch = collate_rows([[d] for d in docs], T, text.pad_id, left_pad=True)
+    left = build_layout(left_batch)
+    for r, (d, pad) in enumerate(zip(docs, pads)):
+        for name in ("tokens", "positions", "document_ids", "continuous_ids"):
+            assert torch.equal(getattr(left, name)[r, pad:], getattr(right, name)[r, :len(d)]), name
+        assert (left.tokens[r, :pad] == text.pad_id).all() and not left_batch.loss_mask[r, :pad].any()
+        assert (left.document_ids[r, :pad] == PAD_DOCUMENT).all() and (left.positions[r, :pad] == 0).all()
+        assert (left.continuous_ids[r, :pad] == -1).all()
+    rows = right.continuous_slots[:, 0] // T  # (N,) each image's row: its slots move by that row's padding
+    assert len(rows) == 3 and torch.equal(left.continuous_slots, right.continuous_slots + torch.tensor(pads)[rows, None])
 
 
 def test_a_document_longer_than_a_row_is_refused(text, world):

@@ -1,5 +1,6 @@
 """The unified model in training: a two-step `fit` of each recipe family through the CLI, overfitting one
-batch on each path, exact resume, the clean/noised attention policy, export to a bundle, and recipe typos."""
+batch on each path, exact resume, the clean/noised attention policy, sampling's prefill = the training
+forward, export to a bundle, and recipe typos."""
 
 import csv
 import dataclasses
@@ -14,13 +15,15 @@ import torch
 from conftest import ROOT, TEXT_TOKENIZER
 from lightning.pytorch import Callback, Trainer
 
-from anymodal.batch import CONTINUOUS_IMAGE, Batch, derive_indices
+from anymodal.batch import CONTINUOUS_IMAGE, Batch
 from anymodal.checkpoint import BundleError, export_checkpoint, load_bundle
 from anymodal.commands.cli import main
 from anymodal.data.datamodule import UnifiedDataModule
 from anymodal.data.document import Document, Image
 from anymodal.data.packing import collate_rows, pack_rows
 from anymodal.data.shapes import ShapesWorld
+from anymodal.generate.engine import Engine
+from anymodal.layout import build_layout
 from anymodal.masks import build_attention_mask
 from anymodal.model.unified import ContinuousInput
 
@@ -58,16 +61,21 @@ def test_two_step_fit_of_each_recipe_through_the_cli(tokenizer_dirs, tmp_path, m
     assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
 
 
-def encoded_batch(system, tasks: list[str], seq_len: int, rows: int = 2, seed: int = 0) -> Batch:
-    """One packed batch of shapes-world documents, images already encoded (codes or latents)."""
+def encoded_documents(system, tasks: list[str], seed: int = 0) -> list[Document]:
+    """Shapes-world documents of `tasks`, their images encoded by the system's tokenizer (codes or latents)."""
     rng = np.random.default_rng(seed)
     docs = [ShapesWorld(size=32, seed=seed).document(t, rng) for t in tasks]
     pixels = torch.stack([im.pixels for d in docs for im in d.images])  # (N, 3, 32, 32)
     with torch.no_grad():
         encoded = iter(system.image_tokenizer.encode(pixels))  # (N, h, w) codes or (N, C, h, w) latents
     key = "codes" if system.discrete else "latents"
-    docs = [Document([Image(**{key: next(encoded)}) if isinstance(s, Image) else s for s in d.segments], d.task)
+    return [Document([Image(**{key: next(encoded)}) if isinstance(s, Image) else s for s in d.segments], d.task)
             for d in docs]
+
+
+def encoded_batch(system, tasks: list[str], seq_len: int, rows: int = 2, seed: int = 0) -> Batch:
+    """One packed batch of shapes-world documents, images already encoded (codes or latents)."""
+    docs = encoded_documents(system, tasks, seed)
     return collate_rows(next(pack_rows((system.encoder.encode(d) for d in docs), seq_len, rows)), seq_len,
                         system.text.pad_id)
 
@@ -128,17 +136,18 @@ def test_resumed_training_repeats_the_uninterrupted_run(make_system, tmp_path, p
 
 
 def forward(model, system, batch: Batch, timesteps: torch.Tensor | None = None):
-    """Next-token logits (B, T, V) and continuous predictions (N, C, h, w) of `model` on an encoded batch."""
+    """Next-token logits (B, T, V) and continuous predictions (N, C, h, w) of `model` on a batch, laid out
+    as `UnifiedSystem.compute_losses` lays it out (noised images at timestep 500 unless `timesteps`)."""
     batch, latents = system.encode_images(batch)
-    idx = derive_indices(batch)
-    mask = build_attention_mask(idx.document_ids, idx.continuous_ids, "sdpa")
-    continuous, slots = None, None
+    layout = build_layout(batch)
+    mask = build_attention_mask(layout.document_ids, layout.continuous_ids, "sdpa")
+    continuous = None
     if latents is not None:
-        slots = system.continuous_slots(batch)
         t = batch.noised.float() * 500.0 if timesteps is None else timesteps
-        continuous = ContinuousInput(slots, latents, t)
-    hidden = model(model.embed(batch.tokens, continuous), idx.positions, mask)  # (B, T, D)
-    return model.logits(hidden), None if slots is None else model.image_prediction(hidden, slots)
+        continuous = ContinuousInput(layout.continuous_slots, latents, t)
+    hidden = model(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
+    pred = None if latents is None else model.image_prediction(hidden, layout.continuous_slots)
+    return model.logits(hidden), pred
 
 
 def story_batch(system, seed: int = 0) -> Batch:
@@ -197,6 +206,26 @@ def test_with_shared_noise_later_tokens_see_the_noised_image(make_system):
         logits, _ = forward(system.model.eval(), system, batch)
         other, _ = forward(system.model, system, changed(batch, only_first))
     assert not torch.allclose(other[0, later], logits[0, later])
+
+
+@pytest.mark.parametrize("path", ["continuous", "discrete"])
+def test_engine_prefill_equals_the_training_forward(make_system, path):
+    """Sampling reads a prompt as training reads the same document: the engine's prefill of left-padded
+    prompts gives, at each prompt's own columns, the logits of the training forward on that prompt alone."""
+    system = make_system(path)
+    model = system.model.eval()
+    with torch.no_grad():  # logits of order 1 (a debug model's are near 0), so a misplaced token shows
+        model.lm_head.weight.normal_(std=0.2)
+    docs = encoded_documents(system, ["vqa", "t2i", "caption"])
+    # prompts: without the answer, the image, the caption; images are clean context, none noised
+    prompts = [system.encoder.encode_prompt(Document(d.segments[:-1], d.task)) for d in docs]
+    assert len({len(p) for p in prompts}) == 3 and [len(p.images) for p in prompts] == [1, 0, 1]
+    hidden = Engine(model, system.text, system.objective).start(prompts)  # (R, T, D), left-padded to the longest
+    T = hidden.shape[1]
+    for r, prompt in enumerate(prompts):  # the longest has no padding; the others do
+        with torch.no_grad():
+            logits, _ = forward(model, system, collate_rows([[prompt]], len(prompt), system.text.pad_id))
+        torch.testing.assert_close(model.logits(hidden[r, T - len(prompt):]), logits[0], rtol=0, atol=1e-5)
 
 
 @pytest.fixture

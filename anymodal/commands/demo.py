@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from anymodal.generate.settings import ImageSampling
 from anymodal.hardware import resolve_precision
 from anymodal.train import run_lightning
 
@@ -42,13 +43,13 @@ class DemoSettings:
     """Training steps of the discrete-path model (None: its recipe's)."""
     transfusion_steps: int | None = None
     """Training steps of the continuous-path model (None: its recipe's)."""
-    size: str | None = None
-    """Decoder size of both models (None: the recipes')."""
+    model_size: str | None = None
+    """Named decoder size of both models (None: the recipes'; anymodal.config.SIZES)."""
     n: int = 100
     """Evaluation documents per task (held-out compositions add n/4)."""
     tokenizer_eval_images: int = 512
     """Images for the tokenizers' reconstruction metrics."""
-    steps: int = 25
+    steps: int = ImageSampling.steps
     """Denoising steps when sampling the continuous path."""
     seed: int = 0
     """Seed of evaluation."""
@@ -117,13 +118,13 @@ def run_demo(s: DemoSettings) -> Path:
               "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
               "--model.init_args.image_tokenizer", str(out / "tokenizers" / tok),
               "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
-              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.size)],
+              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.model_size)],
              final=run_dir / "final.ckpt")
         export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
         timings[f"train {name}"] = time.perf_counter() - t0
         t0 = stage(f"evaluate {name}")
         bundle = load_bundle(out / name)
-        settings = BenchSettings(n=s.n, seed=s.seed, steps=s.steps)
+        settings = BenchSettings(n=s.n, seed=s.seed, sampling=ImageSampling(steps=s.steps))
         results[name] = run_shapes_bench(Pipeline(bundle), settings, HOLDOUT)
         timings[f"evaluate {name}"] = time.perf_counter() - t0
         print_scores(results[name], f"{name} ({bundle.image_path} path)")

@@ -1,4 +1,8 @@
-"""The `anymodal generate ...` and `anymodal eval shapes` commands: argument handling, progress, files."""
+"""`anymodal generate ...` and `anymodal eval shapes`: their arguments, progress bars, files and printing.
+
+What a request does lives in anymodal.generate.requests; this file only turns a command line into a request
+and its outputs into files. Every default comes from ImageSampling / TextSampling / BenchSettings.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from anymodal.checkpoint import load_bundle
-from anymodal.data.images import load_image
-from anymodal.generate.engine import ImageSampling, TextSampling
-from anymodal.generate.tasks import Pipeline
-from anymodal.generate.writers import write_images, write_story
+from anymodal.benchmark import TASKS, BenchSettings
+from anymodal.generate.settings import ImageSampling, TextSampling
 
 console = Console(stderr=True)
+IMAGE, TEXT = ImageSampling(), TextSampling()
 
 
 def progress_bar() -> Progress:
@@ -24,83 +26,165 @@ def progress_bar() -> Progress:
                     console=console, transient=False)
 
 
-def _image_sampling(ns: argparse.Namespace) -> ImageSampling:
-    return ImageSampling(steps=ns.steps, cfg=ns.cfg, cfg_image=getattr(ns, "cfg_image", 1.5),
-                         cfg_interval=tuple(ns.cfg_interval), temperature=ns.temperature, top_k=ns.top_k)
+# ---------------------------------------------------------------------------------------------- arguments
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="an inference bundle folder (written by `anymodal export`)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (output i uses seed + i)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; a check)")
 
 
-def _text_sampling(ns: argparse.Namespace) -> TextSampling:
+def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_size: int = 16) -> None:
+    p.add_argument("--steps", type=int, default=IMAGE.steps, help="denoising steps (continuous path)")
+    p.add_argument("--guidance", "--cfg", type=float, default=IMAGE.guidance,
+                   help="classifier-free guidance scale of the text (1 = off)")
+    if edits:
+        p.add_argument("--image-guidance", "--cfg-image", type=float, default=IMAGE.image_guidance,
+                       help="guidance scale of the source image (1 = off)")
+    p.add_argument("--guidance-interval", "--cfg-interval", type=float, nargs=2, default=IMAGE.guidance_interval,
+                   metavar=("LO", "HI"), help="apply guidance only on this fraction of the trajectory")
+    p.add_argument("--sampler", default=IMAGE.sampler,
+                   help="diffusion sampler (continuous path; default: the bundle's): euler or heun for flow "
+                        "bundles, ddim or ddpm for ddpm bundles")
+    p.add_argument("--temperature", type=float, default=IMAGE.temperature,
+                   help="code sampling temperature (discrete path; 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=IMAGE.top_k, help="code sampling top-k (discrete path; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images sampled together")
+
+
+def _text_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=TEXT.temperature, help="text temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=TEXT.top_k, help="text top-k (0 = all)")
+    p.add_argument("--top-p", type=float, default=TEXT.top_p, help="text nucleus top-p (1 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=TEXT.max_new_tokens, help="longest answer")
+    p.add_argument("--stop", action="append", default=list(TEXT.stop), help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample from a bundle: t2i, edit, caption, vqa, story")
+    which = p.add_subparsers(dest="task", required=True)
+    t = which.add_parser("t2i", help="text to image")
+    _bundle_args(t)
+    t.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    t.add_argument("--prompts", default=None, help="a file with one prompt per line")
+    t.add_argument("--out", required=True, help="output folder: 0000.png, ... and index.jsonl")
+    t.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    _image_sampling_args(t)
+    e = which.add_parser("edit", help="edit an image by an instruction")
+    _bundle_args(e)
+    e.add_argument("--image", default=None, help="the image to edit")
+    e.add_argument("--instruction", default=None, help="what to change")
+    e.add_argument("--edits", default=None, help="JSONL of {\"image\": path, \"instruction\": text} lines")
+    e.add_argument("--out", required=True, help="output folder: 0000.png, ... and index.jsonl")
+    _image_sampling_args(e, edits=True)
+    c = which.add_parser("caption", help="caption images")
+    _bundle_args(c)
+    c.add_argument("--image", action="append", required=True, help="an image (repeatable)")
+    _text_sampling_args(c)
+    q = which.add_parser("vqa", help="answer a question about an image")
+    _bundle_args(q)
+    q.add_argument("--image", required=True, help="the image")
+    q.add_argument("--question", action="append", required=True, help="a question (repeatable)")
+    _text_sampling_args(q)
+    s = which.add_parser("story", help="interleaved text and images from a prompt")
+    _bundle_args(s)
+    s.add_argument("--prompt", required=True, help="how the story starts")
+    s.add_argument("--out", required=True, help="output folder: story.html, story.md and images")
+    s.add_argument("--max-images", type=int, default=4, help="most images in the story")
+    s.add_argument("--text-temperature", type=float, default=TEXT.temperature, help="temperature of the story's text")
+    _image_sampling_args(s)
+
+
+def add_eval_shapes_parser(which: argparse._SubParsersAction) -> None:
+    bench = BenchSettings()
+    p = which.add_parser("shapes", help="score a bundle on every shapes-world task")
+    p.add_argument("--checkpoint", required=True, help="an inference bundle folder")
+    p.add_argument("--n", type=int, default=bench.n, help="documents per task (held-out compositions add n/4)")
+    p.add_argument("--seed", type=int, default=bench.seed, help="seed of the evaluation scenes and of sampling")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--tasks", nargs="+", default=None, help=f"subset of {' '.join(TASKS)}")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    _image_sampling_args(p, edits=True, batch_size=bench.batch_size)
+
+
+def image_sampling(ns: argparse.Namespace) -> ImageSampling:
+    return ImageSampling(steps=ns.steps, guidance=ns.guidance,
+                         image_guidance=getattr(ns, "image_guidance", IMAGE.image_guidance),
+                         guidance_interval=tuple(ns.guidance_interval), sampler=ns.sampler,
+                         temperature=ns.temperature, top_k=ns.top_k)
+
+
+def text_sampling(ns: argparse.Namespace) -> TextSampling:
     return TextSampling(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                         max_new_tokens=ns.max_new_tokens, stop=tuple(ns.stop))
 
 
-def _settings(ns: argparse.Namespace, keys: tuple[str, ...]) -> dict:
-    return {k: getattr(ns, k) for k in keys if hasattr(ns, k)}
+# ---------------------------------------------------------------------------------------------- handlers
+def _edit_pairs(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    pairs = []
+    if ns.edits:
+        for i, line in enumerate(Path(ns.edits).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    pairs.append((rec["image"], rec["instruction"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{ns.edits} line {i} must be a JSON object with \"image\" and "
+                                     f"\"instruction\"") from None
+    if ns.image or ns.instruction:
+        if not (ns.image and ns.instruction):
+            raise ValueError("--image and --instruction go together")
+        pairs.append((ns.image, ns.instruction))
+    if not pairs:
+        raise ValueError("give --image and --instruction, or an --edits file")
+    return pairs
 
 
 def run_generate(ns: argparse.Namespace) -> None:
+    from anymodal.checkpoint import load_bundle
+    from anymodal.generate import requests
+    from anymodal.generate.tasks import Pipeline
+    from anymodal.generate.writers import write_images, write_story
+
     pipe = Pipeline(load_bundle(ns.checkpoint, ns.device), use_cache=not ns.no_cache)
-    size = pipe.bundle.image_size
-    if ns.task == "t2i":
-        prompts = list(ns.prompt)
-        if ns.prompts:
-            prompts += [line.strip() for line in Path(ns.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError("give at least one --prompt or a --prompts file")
-        prompts = [p for p in prompts for _ in range(ns.num_images)]
-        seeds = [ns.seed + i for i in range(len(prompts))]
-        with progress_bar() as bar:
-            task = bar.add_task("text to image", total=len(prompts))
-            images = pipe.text_to_image(prompts, seeds, _image_sampling(ns), ns.batch_size,
-                                        lambda k: bar.advance(task, k))
-        settings = _settings(ns, ("steps", "cfg", "cfg_interval", "temperature", "top_k"))
-        index = write_images(ns.out, images, ({"prompt": p, "seed": s, **settings} for p, s in zip(prompts, seeds)))
-        console.print(f"wrote {len(images)} images and {index}")
-    elif ns.task == "edit":
-        pairs = []
-        if ns.edits:
-            for i, line in enumerate(Path(ns.edits).read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                        pairs.append((rec["image"], rec["instruction"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{ns.edits} line {i} must be a JSON object with \"image\" and "
-                                         f"\"instruction\"") from None
-        if ns.image or ns.instruction:
-            if not (ns.image and ns.instruction):
-                raise ValueError("--image and --instruction go together")
-            pairs.append((ns.image, ns.instruction))
-        if not pairs:
-            raise ValueError("give --image and --instruction, or an --edits file")
-        images = [load_image(path, size) for path, _ in pairs]
-        seeds = [ns.seed + i for i in range(len(pairs))]
-        with progress_bar() as bar:
-            task = bar.add_task("edit", total=len(pairs))
-            outs = pipe.edit(images, [t for _, t in pairs], seeds, _image_sampling(ns), ns.batch_size,
-                             lambda k: bar.advance(task, k))
-        settings = _settings(ns, ("steps", "cfg", "cfg_image", "cfg_interval", "temperature", "top_k"))
-        index = write_images(ns.out, outs, ({"image": str(p), "instruction": t, "seed": s, **settings}
-                                            for (p, t), s in zip(pairs, seeds)))
-        console.print(f"wrote {len(outs)} images and {index}")
-    elif ns.task in ("caption", "vqa"):
-        paths = ns.image if ns.task == "caption" else [ns.image] * len(ns.question)
-        images = [load_image(p, size) for p in paths]
-        seeds = [ns.seed + i for i in range(len(images))]
-        if ns.task == "caption":
-            texts = pipe.caption(images, _text_sampling(ns), seeds=seeds)
-            rows = [{"image": p, "caption": t} for p, t in zip(paths, texts)]
+    with progress_bar() as bar:
+        task = bar.add_task(ns.task, total=None)
+
+        def report(p: requests.Progress) -> None:
+            bar.update(task, completed=p.done, total=p.total)
+
+        if ns.task == "t2i":
+            prompts = list(ns.prompt)
+            if ns.prompts:
+                prompts += [line.strip() for line in Path(ns.prompts).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError("give at least one --prompt or a --prompts file")
+            outputs = requests.text_to_image(pipe, requests.TextToImage(
+                prompts, ns.num_images, ns.seed, image_sampling(ns), ns.batch_size), report)
+        elif ns.task == "edit":
+            pairs = _edit_pairs(ns)
+            outputs = requests.edit(pipe, requests.Edit(
+                [p for p, _ in pairs], [t for _, t in pairs], ns.seed, image_sampling(ns), ns.batch_size), report)
+        elif ns.task == "caption":
+            outputs = requests.caption(pipe, requests.Caption(ns.image, ns.seed, text_sampling(ns)), report)
+        elif ns.task == "vqa":
+            outputs = requests.answer(pipe, requests.Question(
+                [ns.image] * len(ns.question), ns.question, ns.seed, text_sampling(ns)), report)
         else:
-            texts = pipe.answer(images, ns.question, _text_sampling(ns), seeds=seeds)
-            rows = [{"image": p, "question": q, "answer": t} for p, q, t in zip(paths, ns.question, texts)]
-        for row, text in zip(rows, texts):
-            print(json.dumps(row) if ns.json else text)
-    elif ns.task == "story":
-        sampling = _image_sampling(ns)
-        steps = pipe.story(ns.prompt, seed=ns.seed, max_images=ns.max_images, sampling=sampling,
-                           text_sampling=TextSampling(temperature=ns.text_temperature))
-        page, md = write_story(ns.out, steps, ns.prompt)
-        console.print(f"wrote {page} and {md}: {sum(s.image is not None for s in steps)} images")
+            story = requests.story(pipe, requests.Story(
+                ns.prompt, ns.seed, ns.max_images, image_sampling(ns), TextSampling(temperature=ns.text_temperature)),
+                report)
+    if ns.task in ("t2i", "edit"):
+        index = write_images(ns.out, [o.image for o in outputs], (o.record for o in outputs))
+        console.print(f"wrote {len(outputs)} images and {index}")
+    elif ns.task in ("caption", "vqa"):
+        for o in outputs:
+            keys = ("image", "caption") if ns.task == "caption" else ("image", "question", "answer")
+            print(json.dumps({k: o.record[k] for k in keys}) if ns.json else o.text)
+    else:
+        page, md = write_story(ns.out, story.steps, ns.prompt)
+        console.print(f"wrote {page} and {md}: {sum(s.image is not None for s in story.steps)} images")
 
 
 def print_scores(result, title: str) -> None:
@@ -119,17 +203,17 @@ def print_scores(result, title: str) -> None:
     Console().print(table)
 
 
-def run_eval_shapes(ns: argparse.Namespace) -> None:
-    from anymodal.benchmark import TASKS, BenchSettings, run_shapes_bench
+def run_eval_shapes(ns: argparse.Namespace):
+    from anymodal.benchmark import run_shapes_bench
+    from anymodal.checkpoint import load_bundle
+    from anymodal.generate.tasks import Pipeline
 
     bundle = load_bundle(ns.checkpoint, ns.device)
     tasks = tuple(ns.tasks or TASKS)
     bad = sorted(set(tasks) - set(TASKS))
     if bad:
         raise ValueError(f"unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
-    settings = BenchSettings(n=ns.n, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_image=ns.cfg_image,
-                             code_temperature=ns.temperature, code_top_k=ns.top_k, batch_size=ns.batch_size,
-                             tasks=tasks)
+    settings = BenchSettings(n=ns.n, seed=ns.seed, sampling=image_sampling(ns), batch_size=ns.batch_size, tasks=tasks)
     holdout = bundle.meta.get("holdout") or []
     with progress_bar() as bar:
         ids: dict[str, int] = {}
@@ -140,10 +224,10 @@ def run_eval_shapes(ns: argparse.Namespace) -> None:
             bar.update(ids[task], completed=done)
 
         result = run_shapes_bench(Pipeline(bundle), settings, holdout, report)
-    sampler = "codes" if bundle.image_path == "discrete" else type(bundle.objective).__name__
+    sampler = "codes" if bundle.image_path == "discrete" else (ns.sampler or bundle.objective.sampler)
     print_scores(result, f"{ns.checkpoint}: shapes world ({bundle.image_path}, {sampler}, seed {ns.seed})")
     if ns.json:
-        out = {"bundle": str(ns.checkpoint), "path": bundle.image_path, "sampler": sampler,
+        out = {"bundle": str(ns.checkpoint), "image_path": bundle.image_path, "sampler": sampler,
                "settings": result.settings, "holdout": holdout, "scores": result.scores,
                "seconds": result.seconds}
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,10 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from anymodal.batch import DOCUMENT, NO_SPAN, Batch
-from anymodal.data.document import Image
+from anymodal.data.document import TASKS, Image
 from anymodal.data.sequence import EncodedDocument
 
-TASK_INDEX = {t: i for i, t in enumerate(("t2i", "caption", "vqa", "edit", "story", "text"))}
+TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 
 
 def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int) -> Iterator[list[list[EncodedDocument]]]:
@@ -40,8 +40,12 @@ def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int) -> Itera
         yield batch
 
 
-def collate_rows(rows: list[list[EncodedDocument]], seq_len: int, pad_id: int) -> Batch:
-    """Build a Batch from rows of encoded documents (padding at the end of each row)."""
+def collate_rows(rows: list[list[EncodedDocument]], seq_len: int, pad_id: int, left_pad: bool = False) -> Batch:
+    """Build a Batch from rows of encoded documents.
+
+    Padding goes at the end of each row (training), or at its start with `left_pad` (sampling prompts,
+    which then share their last column).
+    """
     B = len(rows)
     tokens = torch.full((B, seq_len), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((B, seq_len), dtype=torch.bool)
@@ -53,7 +57,7 @@ def collate_rows(rows: list[list[EncodedDocument]], seq_len: int, pad_id: int) -
     noised: list[bool] = []
     visible: list[bool] = []
     for r, row in enumerate(rows):
-        off, m = 0, 0
+        off, m = (seq_len - sum(len(d) for d in row) if left_pad else 0), 0
         for d in row:
             n = len(d)
             tokens[r, off:off + n] = torch.tensor(d.tokens)
@@ -83,4 +87,4 @@ def stack_images(images: list[Image]) -> tuple[torch.Tensor | None, str]:
         if all(getattr(im, kind) is not None for im in images):
             return torch.stack([getattr(im, kind) for im in images]), kind
     raise ValueError("a batch mixes pre-encoded and raw images; encode every source the same way "
-                     "(all pixels, or all codes/latents from `anymodal encode`)")
+                     "(all pixels, or all pre-encoded codes or latents)")

@@ -22,45 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from anymodal.batch import CONTINUOUS_IMAGE
+from anymodal.data.packing import collate_rows
 from anymodal.data.sequence import EncodedDocument
+from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling
+from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
 from anymodal.tokenizers.text import TextTokenizer
-
-
-@dataclass
-class TextSampling:
-    """How text is decoded."""
-
-    temperature: float = 0.0
-    """Softmax temperature; 0 decodes greedily."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = all)."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches p (1 = all)."""
-    max_new_tokens: int = 48
-    """Most tokens generated before stopping."""
-    stop: tuple[str, ...] = ()
-    """Stop once the generated text ends with one of these strings."""
-
-
-@dataclass
-class ImageSampling:
-    """How images are generated."""
-
-    steps: int = 25
-    """Denoising steps (continuous path)."""
-    cfg: float = 3.0
-    """Guidance scale of the text condition (1 = no guidance)."""
-    cfg_image: float = 1.5
-    """Guidance scale of the source image (editing; 1 = no guidance)."""
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
-    """Apply guidance only on this fraction of the trajectory (0 = first, noisiest step; 1 = end)."""
-    temperature: float = 0.3
-    """Temperature of code sampling (discrete path); 0 = greedy. 0.3 drew about twice as many exact
-    shapes-world scenes as 1.0 (docs/design.md)."""
-    top_k: int = 0
-    """Top-k of code sampling (discrete path); 0 = all codes."""
 
 
 @dataclass
@@ -128,8 +97,12 @@ class Engine:
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
-    def start(self, prompts: list[EncodedDocument], branches: int = 1) -> None:
-        """Prefill `prompts` (R = branches * B of them, branch-major), left-padded to one length."""
+    def start(self, prompts: list[EncodedDocument], branches: int = 1) -> torch.Tensor:
+        """Prefill `prompts` (R = branches * B of them, branch-major), left-padded to one length T.
+
+        Returns the prefill's hidden states (R, T, D): what the training forward gives each prompt, at the
+        prompt's own columns (a test pins the two equal).
+        """
         if len(prompts) % branches:
             raise ValueError(f"{len(prompts)} prompts do not split into {branches} guidance branches")
         self.branches, self.B = branches, len(prompts) // branches
@@ -138,33 +111,27 @@ class Engine:
         if longest >= limit:
             raise ValueError(f"the prompt is {longest} tokens long but the model's context is {limit}; "
                              f"shorten the prompt")
-        R, T = len(prompts), longest
-        self.ids = torch.full((R, T), self.text.pad_id, dtype=torch.long)
-        self.doc = torch.full((R, T), -1, dtype=torch.long)
-        self.cont = torch.full((R, T), -1, dtype=torch.long)
-        self.pos = torch.zeros((R, T), dtype=torch.long)
-        self.images: list[_Continuous] = []
-        self.next_image = 0
-        for r, p in enumerate(prompts):
-            pad = T - len(p)
-            self.ids[r, pad:] = torch.tensor(p.tokens)
-            self.doc[r, pad:] = 0
-            self.pos[r, pad:] = torch.arange(len(p))
-            for (_kind, off, length), image in zip(p.spans, p.images):
-                if self.config.image_path == "discrete":
-                    if image.codes is None:
-                        raise ValueError("a prompt image must be encoded to codes before sampling")
-                    self.ids[r, pad + off:pad + off + length] = image.codes.reshape(-1).cpu() + self.config.code_offset
-                else:
-                    if image.latents is None:
-                        raise ValueError("a prompt image must be encoded to latents before sampling")
-                    self.cont[r, pad + off:pad + off + length] = self.next_image
-                    self.images.append(_Continuous(r, pad + off, image.latents.to(self.device), 0.0))
-                    self.next_image += 1
-        self.ids, self.doc, self.cont, self.pos = (t.to(self.device) for t in (self.ids, self.doc, self.cont, self.pos))
+        T = longest
+        discrete = self.config.image_path == "discrete"
+        kind = "codes" if discrete else "latents"
+        encoded = [getattr(image, kind) for p in prompts for image in p.images]  # in image-index order
+        if any(x is None for x in encoded):
+            raise ValueError(f"a prompt image must be encoded to {kind} before sampling")
+        batch = collate_rows([[p] for p in prompts], T, self.text.pad_id, left_pad=True)
+        if discrete and encoded:
+            batch = batch.fill_codes(torch.stack(encoded).cpu(), self.config.code_offset)
+        layout = build_layout(batch)
+        self.ids, self.positions, self.document_ids, self.continuous_ids = (
+            t.to(self.device) for t in (layout.tokens, layout.positions, layout.document_ids, layout.continuous_ids))
+        # the prompt's continuous images, kept to place them in every later window that still holds them
+        self.images: list[_Continuous] = [_Continuous(r, off, encoded[i].to(self.device), 0.0)
+                                          for r, off, _, i in batch.image_slots(CONTINUOUS_IMAGE)]
+        self.next_image = len(self.images)
         self.cache = self.model.decoder.new_cache() if self.use_cache else None
         self.length = 0
-        self.last_hidden = self._run(T, write=True)[:, -1]  # (R, D)
+        hidden = self._run(T, write=True)  # (R, T, D)
+        self.last_hidden = hidden[:, -1]  # (R, D)
+        return hidden
 
     @property
     def seq_len(self) -> int:
@@ -176,18 +143,18 @@ class Engine:
         start = self.seq_len
         if start + n > self.config.arch.max_seq_len:
             raise ValueError(f"generation reached the model's context of {self.config.arch.max_seq_len} tokens")
-        last = self.pos[:, -1:]
+        last = self.positions[:, -1:]
         self.ids = torch.cat([self.ids, ids.to(self.device)], 1)
-        self.doc = torch.cat([self.doc, torch.zeros_like(ids, device=self.device)], 1)
-        self.cont = torch.cat([self.cont, torch.full_like(ids, image, device=self.device)], 1)
-        self.pos = torch.cat([self.pos, last + torch.arange(1, n + 1, device=self.device)], 1)
+        self.document_ids = torch.cat([self.document_ids, torch.zeros_like(ids, device=self.device)], 1)
+        self.continuous_ids = torch.cat([self.continuous_ids, torch.full_like(ids, image, device=self.device)], 1)
+        self.positions = torch.cat([self.positions, last + torch.arange(1, n + 1, device=self.device)], 1)
         return start
 
     def _mask(self) -> AttentionMask:
         """The mask of the next forward: its queries are the columns not in the cache (all without a cache)."""
         lo = self.length if self.use_cache else 0
-        return build_attention_mask(self.doc, self.cont, self.config.arch.attention, q_offset=lo,
-                                    q_len=self.seq_len - lo)
+        return build_attention_mask(self.document_ids, self.continuous_ids, self.config.arch.attention,
+                                    q_offset=lo, q_len=self.seq_len - lo)
 
     def _run(self, n_new: int, write: bool, extra: list[_Continuous] | None = None,
              mask: AttentionMask | None = None) -> torch.Tensor:
@@ -204,16 +171,16 @@ class Engine:
         images = [im for im in self.images + (extra or []) if im.start >= lo]
         continuous = None
         if images:
-            L = self.config.slots
-            starts = torch.tensor([im.row * window + im.start - lo for im in images], device=self.device)
+            rows = torch.tensor([im.row for im in images], device=self.device)  # (N,)
+            starts = torch.tensor([im.start - lo for im in images], device=self.device)  # (N,) within the window
             continuous = ContinuousInput(
-                slots=starts[:, None] + torch.arange(L, device=self.device),
+                slots=slot_indices(rows, starts, window, self.config.slots),  # (N, L)
                 latents=torch.stack([im.latents for im in images]),
                 timesteps=torch.tensor([im.timestep for im in images], device=self.device, dtype=torch.float),
             )
         mask = self._mask() if mask is None else mask
         h = self.model.embed(self.ids[:, lo:], continuous)  # (R, window, D)
-        hidden = self.model(h, self.pos[:, lo:], mask, cache=self.cache, write_cache=write)
+        hidden = self.model(h, self.positions[:, lo:], mask, cache=self.cache, write_cache=write)
         self.stats.forwards.append(R * window)
         if write:
             self.length = T
@@ -261,53 +228,59 @@ class Engine:
     # ------------------------------------------------------------------ images
     @torch.no_grad()
     def generate_image(self, sampling: ImageSampling, scales: list[float],
-                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """`<boi>` + one image per conditional row + `<eoi>`: codes (B, h, w) or latents (B, C, h, w)."""
+                       generators: list[torch.Generator] | None = None, on_step: StepCallback = None) -> torch.Tensor:
+        """`<boi>` + one image per conditional row + `<eoi>`: codes (B, h, w) or latents (B, C, h, w).
+
+        `on_step(done, total)` is called after every denoising step (continuous) or code (discrete)."""
         if len(scales) != self.branches - 1:
             raise ValueError(f"{self.branches} branches need {self.branches - 1} guidance scales, got {scales}")
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
         if self.config.image_path == "discrete":
-            return self._codes(sampling, scales, generators)
-        return self._latents(sampling, scales, generators)
+            return self._codes(sampling, scales, generators, on_step)
+        return self._latents(sampling, scales, generators, on_step)
 
     def _in_interval(self, i: int, n: int, sampling: ImageSampling) -> bool:
-        lo, hi = sampling.cfg_interval
+        lo, hi = sampling.guidance_interval
         return lo <= i / n < hi  # step i of n (i < n) sits at fraction i / n of the trajectory
 
-    def _codes(self, sampling: ImageSampling, scales: list[float], generators) -> torch.Tensor:
-        cfg, N = self.config, self.config.slots
+    def _codes(self, sampling: ImageSampling, scales: list[float], generators, on_step: StepCallback) -> torch.Tensor:
+        config, N = self.config, self.config.slots
         codes = []
         for i in range(N):
-            logits = self.model.logits(self.last_hidden).float()[:, cfg.code_offset:]  # (R, K)
+            logits = self.model.logits(self.last_hidden).float()[:, config.code_offset:]  # (R, K)
             logp = logits.log_softmax(-1).view(self.branches, self.B, -1)
             guided = guide(logp, scales if self._in_interval(i, N, sampling) else [1.0] * len(scales))
             code = sample_logits(guided, sampling.temperature, sampling.top_k, 1.0, generators)  # (B,)
             codes.append(code)
-            ids = self._branch_tokens(code + cfg.code_offset)
+            ids = self._branch_tokens(code + config.code_offset)
             if i < N - 1:
                 self._feed(ids)
             else:  # the last code and <eoi> enter together
                 self._feed(torch.cat([ids, torch.full_like(ids, self.text.eoi_id)], 1))
-        g = cfg.grid
+            if on_step:
+                on_step(i + 1, N)
+        g = config.grid
         return torch.stack(codes, 1).view(self.B, g, g)
 
-    def _latents(self, sampling: ImageSampling, scales: list[float], generators) -> torch.Tensor:
-        cfg, R, L = self.config, self.ids.shape[0], self.config.slots
+    def _latents(self, sampling: ImageSampling, scales: list[float], generators,
+                 on_step: StepCallback) -> torch.Tensor:
+        config, R, L = self.config, self.ids.shape[0], self.config.slots
         if self.objective is None:
             raise ValueError("the continuous path needs the bundle's diffusion objective")
         image = self.next_image
         self.next_image += 1
         start = self._append(torch.full((R, L), self.text.pad_id, dtype=torch.long), image=image)
-        shape = (self.B, cfg.latent_channels, cfg.grid, cfg.grid)
+        shape = (self.B, config.latent_channels, config.grid, config.grid)
         if generators is None:
             x = torch.randn(shape)
         else:
             x = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
         x = x.to(self.device)  # (B, C, h, w)
-        sampler = self.objective.make_sampler(sampling.steps)
+        sampler = self.objective.make_sampler(sampling.steps, sampling.sampler)
         timesteps = sampler.timesteps
-        slots = torch.arange(R, device=self.device)[:, None] * L + torch.arange(L, device=self.device)
+        rows = torch.arange(R, device=self.device)
+        slots = slot_indices(rows, torch.zeros_like(rows), L, L)  # (R, L) of the (R, L) hidden of each step
         mask = self._mask()  # the same for every step and for the final write: built once
         for i, t in enumerate(timesteps):
             xr = x.repeat(self.branches, 1, 1, 1)
@@ -318,6 +291,8 @@ class Engine:
             pred = pred.view(self.branches, *shape)
             pred = guide(pred, scales if self._in_interval(i, len(timesteps), sampling) else [1.0] * len(scales))
             x = self.objective.step(sampler, pred, t, x, generator=generators)
+            if on_step:
+                on_step(i + 1, len(timesteps))
         xr = x.repeat(self.branches, 1, 1, 1)
         self.images += [_Continuous(r, start, xr[r], 0.0) for r in range(R)]
         self._run(L, write=True, mask=mask)

@@ -20,7 +20,8 @@ from anymodal.checkpoint import Bundle
 from anymodal.data.document import Document, Image, Text
 from anymodal.data.images import array_from_pixels
 from anymodal.data.sequence import EncodedDocument, SequenceEncoder
-from anymodal.generate.engine import Engine, ImageSampling, TextSampling
+from anymodal.generate.engine import Engine
+from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling
 
 Progress = Callable[[int], None] | None
 
@@ -38,8 +39,8 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, use_cache: bool = True) -> None:
         self.bundle, self.use_cache = bundle, use_cache
-        cfg = bundle.config
-        self.encoder = SequenceEncoder(bundle.text, cfg.image_path, cfg.slots)
+        config = bundle.config
+        self.encoder = SequenceEncoder(bundle.text, config.image_path, config.slots)
         self.device = next(bundle.model.parameters()).device
 
     # ------------------------------------------------------------ helpers
@@ -71,6 +72,8 @@ class Pipeline:
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def _batched(self, n: int, batch_size: int, run, progress: Progress) -> list:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
         out: list = []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
@@ -82,8 +85,10 @@ class Pipeline:
     # ------------------------------------------------------------ tasks
     def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int] | None = None,
                       sampling: ImageSampling | None = None, batch_size: int = 16,
-                      progress: Progress = None) -> list[np.ndarray]:
-        """One image per prompt; guidance against the empty prompt."""
+                      progress: Progress = None, on_step: StepCallback = None) -> list[np.ndarray]:
+        """One image per prompt; guidance against the empty prompt.
+
+        `progress(k)` after each batch of k images; `on_step(done, total)` after each step of a batch."""
         sampling = sampling or ImageSampling()
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
 
@@ -92,12 +97,14 @@ class Pipeline:
             uncond = [self.prompt([], "t2i") for _ in cond]
             eng = self.engine()
             eng.start(cond + uncond, branches=2)
-            return self.decode_images(eng.generate_image(sampling, [sampling.cfg], self.generators(seeds[lo:hi])))
+            out = eng.generate_image(sampling, [sampling.guidance], self.generators(seeds[lo:hi]), on_step)
+            return self.decode_images(out)
 
         return self._batched(len(prompts), batch_size, run, progress)
 
     def edit(self, images: Sequence[torch.Tensor], instructions: Sequence[str], seeds: Sequence[int] | None = None,
-             sampling: ImageSampling | None = None, batch_size: int = 16, progress: Progress = None) -> list[np.ndarray]:
+             sampling: ImageSampling | None = None, batch_size: int = 16, progress: Progress = None,
+             on_step: StepCallback = None) -> list[np.ndarray]:
         """The edited image per (image, instruction); three guidance branches: full, no instruction, no image."""
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions; give one per image")
@@ -112,7 +119,8 @@ class Pipeline:
             no_image = [self.prompt([t], "edit") for t in ins]
             eng = self.engine()
             eng.start(full + no_text + no_image, branches=3)
-            out = eng.generate_image(sampling, [sampling.cfg, sampling.cfg_image], self.generators(seeds[lo:hi]))
+            out = eng.generate_image(sampling, [sampling.guidance, sampling.image_guidance],
+                                     self.generators(seeds[lo:hi]), on_step)
             return self.decode_images(out)
 
         return self._batched(len(images), batch_size, run, progress)
@@ -145,27 +153,36 @@ class Pipeline:
             sampling, seeds[lo:hi]), progress)
 
     def story(self, prompt: str, seed: int = 0, max_images: int = 4, sampling: ImageSampling | None = None,
-              text_sampling: TextSampling | None = None) -> list[StoryStep]:
+              text_sampling: TextSampling | None = None, on_step: StepCallback = None,
+              on_piece: Callable[[StoryStep], None] | None = None) -> list[StoryStep]:
         """Free interleaved generation: the model writes text, opens images with `<boi>`, stops at `<eos>`.
 
         The prompt's text comes first; guidance runs against the same story without the prompt.
+        `on_piece(step)` is called with each piece as soon as it exists (to stream a story into a page).
         """
         sampling = sampling or ImageSampling()
         text_sampling = text_sampling or TextSampling()
         gens = self.generators([seed])
         eng = self.engine()
         eng.start([self.prompt([Text(prompt)], "story"), self.prompt([], "story")], branches=2)
-        steps: list[StoryStep] = [StoryStep(text=prompt)]
+        steps: list[StoryStep] = []
+
+        def add(step: StoryStep) -> None:
+            steps.append(step)
+            if on_piece:
+                on_piece(step)
+
+        add(StoryStep(text=prompt))
         images = 0
         while True:
             ids = eng.generate_text(text_sampling, gens if text_sampling.temperature > 0 else None, stop_at_boi=True)[0]
             body = [i for i in ids if i not in (self.bundle.text.boi_id, self.bundle.text.eos_id)]
             if body:
-                steps.append(StoryStep(text=self.bundle.text.decode(body).strip()))
+                add(StoryStep(text=self.bundle.text.decode(body).strip()))
             if not ids or ids[-1] != self.bundle.text.boi_id or images >= max_images:
                 break
             # the sampled <boi> ended the text without entering the cache; generate_image feeds it
-            out = eng.generate_image(sampling, [sampling.cfg], gens)
-            steps.append(StoryStep(image=self.decode_images(out)[0]))
+            out = eng.generate_image(sampling, [sampling.guidance], gens, on_step)
+            add(StoryStep(image=self.decode_images(out)[0]))
             images += 1
         return steps

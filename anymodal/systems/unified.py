@@ -16,17 +16,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from anymodal.batch import CONTINUOUS_IMAGE, Batch, derive_indices
+from anymodal.batch import Batch
 from anymodal.config import SIZES, ArchConfig
 from anymodal.data.sequence import SequenceEncoder
 from anymodal.diffusion.schedule import build_objective
+from anymodal.layout import build_layout
 from anymodal.losses import Losses, combine, diffusion_loss, token_losses, trained_positions
 from anymodal.masks import build_attention_mask
 from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
 from anymodal.tokenizers.image import load_image_tokenizer, tokenizer_kind
 from anymodal.tokenizers.text import load_text_tokenizer
-
-TASK_NAMES = ("t2i", "caption", "vqa", "edit", "story", "text")
 
 
 class UnifiedSystem(LightningModule):
@@ -128,30 +127,20 @@ class UnifiedSystem(LightningModule):
             return batch.fill_codes(images, self.model_config.code_offset), None
         return batch, images.float()
 
-    def continuous_slots(self, batch: Batch) -> torch.Tensor:
-        """(N, L) flat indices into (B*T) of every continuous image's patch slots, by image index."""
-        T = batch.tokens.shape[1]
-        slots = batch.image_slots(CONTINUOUS_IMAGE)
-        if not slots:
-            return torch.empty(0, self.model_config.slots, dtype=torch.long, device=batch.tokens.device)
-        starts = torch.tensor([r * T + off for r, off, _, _ in slots], device=batch.tokens.device)
-        return starts[:, None] + torch.arange(self.model_config.slots, device=batch.tokens.device)
-
     def compute_losses(self, batch: Batch, model: UnifiedModel | None = None) -> Losses:
         model = model or self.model
         batch, latents = self.encode_images(batch)
-        idx = derive_indices(batch)
-        mask = build_attention_mask(idx.document_ids, idx.continuous_ids, model.config.arch.attention)
-        continuous, noised, slots = None, None, None
+        layout = build_layout(batch)
+        mask = build_attention_mask(layout.document_ids, layout.continuous_ids, model.config.arch.attention)
+        continuous, noised = None, None
         if latents is not None:
             generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-            slots = self.continuous_slots(batch)
             timesteps = torch.zeros(latents.shape[0], device=latents.device)
             noised = self.objective.noise(latents[batch.noised], generator)
             x = latents.clone()
             x[batch.noised], timesteps[batch.noised] = noised.x_t, noised.timesteps
-            continuous = ContinuousInput(slots, x, timesteps)
-        hidden = model(model.embed(batch.tokens, continuous), idx.positions, mask)  # (B, T, D)
+            continuous = ContinuousInput(layout.continuous_slots, x, timesteps)
+        hidden = model(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
         targets = batch.targets.reshape(-1)
         pos = trained_positions(batch.targets)
         logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[pos])  # (K, V)
@@ -159,7 +148,8 @@ class UnifiedSystem(LightningModule):
                                       self.model_config.arch.z_loss)
         diffusion = hidden.new_zeros(())
         if noised is not None and noised.x_t.shape[0]:
-            diffusion = diffusion_loss(model.image_prediction(hidden, slots[batch.noised]), noised.target)
+            diffusion = diffusion_loss(model.image_prediction(hidden, layout.continuous_slots[batch.noised]),
+                                       noised.target)
         return combine(text, codes, diffusion, z, self.hparams.code_weight, self.hparams.diffusion_weight)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

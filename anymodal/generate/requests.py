@@ -1,0 +1,281 @@
+"""Typed requests: what a person asks of a bundle, and what comes back with the settings that made it.
+
+The CLI (`anymodal generate ...`), the Python API and the web app all call these functions, so prompt
+expansion, seeds, image loading and the settings record live here once:
+
+    from anymodal.checkpoint import load_bundle
+    from anymodal.generate.requests import TextToImage, text_to_image
+    from anymodal.generate.tasks import Pipeline
+    outputs = text_to_image(Pipeline(load_bundle("checkpoints/demo/transfusion")),
+                            TextToImage(prompts=["a red circle at the center."], num_images=2))
+    outputs[0].image, outputs[0].record  # (H, W, 3) uint8, {"prompt": ..., "seed": 0, "steps": 25, ...}
+
+Output i of a request uses seed `seed + i`. Each record holds the request's inputs, that seed and every
+sampling setting, so an output can be made again on the CLI (`command_line`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anymodal.data.images import load_image
+from anymodal.generate.settings import ImageSampling, TextSampling
+from anymodal.generate.tasks import Pipeline, StoryStep
+
+ImageInput = str | Path | torch.Tensor
+"""A path to an image file, or pixels (3, H, W) in [0, 1] at the bundle's image size."""
+
+
+@dataclass
+class Progress:
+    """Where a request stands: `done` of `total` steps (denoising steps or codes of every image, or texts)."""
+
+    done: int
+    total: int
+    what: str = "steps"
+
+
+ProgressCallback = Callable[[Progress], None] | None
+
+
+@dataclass
+class ImageOutput:
+    image: np.ndarray
+    """(H, W, 3) uint8."""
+    record: dict[str, Any]
+    """The inputs, the seed and the sampling settings of this image (written to index.jsonl)."""
+
+
+@dataclass
+class TextOutput:
+    text: str
+    record: dict[str, Any]
+
+
+@dataclass
+class TextToImage:
+    """Images from prompts."""
+
+    prompts: list[str]
+    num_images: int = 1
+    """Images per prompt."""
+    seed: int = 0
+    sampling: ImageSampling = field(default_factory=ImageSampling)
+    batch_size: int = 16
+    """Images sampled together."""
+
+
+@dataclass
+class Edit:
+    """Each image changed by its instruction."""
+
+    images: list[ImageInput]
+    instructions: list[str]
+    seed: int = 0
+    sampling: ImageSampling = field(default_factory=ImageSampling)
+    batch_size: int = 16
+
+
+@dataclass
+class Caption:
+    """A caption per image."""
+
+    images: list[ImageInput]
+    seed: int = 0
+    sampling: TextSampling = field(default_factory=TextSampling)
+    batch_size: int = 32
+
+
+@dataclass
+class Question:
+    """An answer per (image, question)."""
+
+    images: list[ImageInput]
+    questions: list[str]
+    seed: int = 0
+    sampling: TextSampling = field(default_factory=TextSampling)
+    batch_size: int = 32
+
+
+@dataclass
+class Story:
+    """Interleaved text and images that the model writes after a prompt."""
+
+    prompt: str
+    seed: int = 0
+    max_images: int = 4
+    """Most images in the story."""
+    sampling: ImageSampling = field(default_factory=ImageSampling)
+    text_sampling: TextSampling = field(default_factory=TextSampling)
+
+
+def _settings(sampling: ImageSampling | TextSampling, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings as JSON-ready values, less `drop` (settings the task does not use)."""
+    out = dataclasses.asdict(sampling)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k not in drop}
+
+
+def _load(pipe: Pipeline, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+    size = pipe.bundle.image_size
+    return [im if isinstance(im, torch.Tensor) else load_image(im, size) for im in images]
+
+
+def _name(image: ImageInput) -> str:
+    return str(image) if not isinstance(image, torch.Tensor) else "<pixels>"
+
+
+def _image_steps(pipe: Pipeline, sampling: ImageSampling) -> int:
+    """Steps one image takes: codes (discrete path) or the sampler's network calls (continuous)."""
+    if pipe.bundle.image_path == "discrete":
+        return pipe.bundle.config.slots
+    return len(pipe.bundle.objective.make_sampler(sampling.steps, sampling.sampler).timesteps)
+
+
+def _stepper(pipe: Pipeline, n: int, batch_size: int, sampling: ImageSampling, progress: ProgressCallback):
+    """An engine `on_step` that reports steps over the whole request (all batches)."""
+    if progress is None:
+        return None
+    per_image = _image_steps(pipe, sampling)
+    total = -(-n // batch_size) * per_image
+    batch = [0, 0]  # batches finished, last step seen
+
+    def on_step(done: int, steps: int) -> None:
+        if done < batch[1]:
+            batch[0] += 1
+        batch[1] = done
+        progress(Progress(batch[0] * per_image + done, total))
+
+    return on_step
+
+
+def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> None:
+    """Refuse settings the bundle cannot use, in one sentence, before any work."""
+    if sampling.steps < 1:
+        raise ValueError(f"steps={sampling.steps} must be at least 1")
+    if sampling.sampler is not None:
+        if pipe.bundle.image_path == "discrete":
+            raise ValueError(f"sampler={sampling.sampler!r} applies to the continuous path; this bundle samples "
+                             "image codes (set a temperature instead)")
+        pipe.bundle.objective.make_sampler(1, sampling.sampler)  # raises for an incompatible sampler
+
+
+def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallback = None) -> list[ImageOutput]:
+    prompts = [p for p in request.prompts for _ in range(request.num_images)]
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    if request.num_images < 1:
+        raise ValueError(f"num_images={request.num_images} must be at least 1")
+    check_image_sampling(pipe, request.sampling)
+    seeds = [request.seed + i for i in range(len(prompts))]
+    on_step = _stepper(pipe, len(prompts), request.batch_size, request.sampling, progress)
+    images = pipe.text_to_image(prompts, seeds, request.sampling, request.batch_size, on_step=on_step)
+    settings = _settings(request.sampling, drop=("image_guidance",))
+    return [ImageOutput(im, {"prompt": p, "seed": s, **settings}) for im, p, s in zip(images, prompts, seeds)]
+
+
+def edit(pipe: Pipeline, request: Edit, progress: ProgressCallback = None) -> list[ImageOutput]:
+    if len(request.images) != len(request.instructions):
+        raise ValueError(f"{len(request.images)} images but {len(request.instructions)} instructions; "
+                         "give one instruction per image")
+    if not request.images:
+        raise ValueError("give at least one image and instruction")
+    check_image_sampling(pipe, request.sampling)
+    sources = _load(pipe, request.images)
+    seeds = [request.seed + i for i in range(len(sources))]
+    on_step = _stepper(pipe, len(sources), request.batch_size, request.sampling, progress)
+    images = pipe.edit(sources, request.instructions, seeds, request.sampling, request.batch_size, on_step=on_step)
+    settings = _settings(request.sampling)
+    return [ImageOutput(im, {"image": _name(src), "instruction": t, "seed": s, **settings})
+            for im, src, t, s in zip(images, request.images, request.instructions, seeds)]
+
+
+def _text_progress(n: int, progress: ProgressCallback):
+    if progress is None:
+        return None
+    done = [0]
+
+    def tick(k: int) -> None:
+        done[0] += k
+        progress(Progress(done[0], n, "texts"))
+
+    return tick
+
+
+def caption(pipe: Pipeline, request: Caption, progress: ProgressCallback = None) -> list[TextOutput]:
+    if not request.images:
+        raise ValueError("give at least one image")
+    pixels = _load(pipe, request.images)
+    seeds = [request.seed + i for i in range(len(pixels))]
+    texts = pipe.caption(pixels, request.sampling, request.batch_size, seeds,
+                         _text_progress(len(pixels), progress))
+    settings = _settings(request.sampling)
+    return [TextOutput(t, {"image": _name(im), "caption": t, "seed": s, **settings})
+            for t, im, s in zip(texts, request.images, seeds)]
+
+
+def answer(pipe: Pipeline, request: Question, progress: ProgressCallback = None) -> list[TextOutput]:
+    if len(request.images) != len(request.questions):
+        raise ValueError(f"{len(request.images)} images but {len(request.questions)} questions; "
+                         "give one image per question")
+    if not request.questions:
+        raise ValueError("give at least one question")
+    pixels = _load(pipe, request.images)
+    seeds = [request.seed + i for i in range(len(pixels))]
+    texts = pipe.answer(pixels, request.questions, request.sampling, request.batch_size, seeds,
+                        _text_progress(len(pixels), progress))
+    settings = _settings(request.sampling)
+    return [TextOutput(t, {"image": _name(im), "question": q, "answer": t, "seed": s, **settings})
+            for t, im, q, s in zip(texts, request.images, request.questions, seeds)]
+
+
+@dataclass
+class StoryOutput:
+    steps: list[StoryStep]
+    record: dict[str, Any]
+
+
+def story(pipe: Pipeline, request: Story, progress: ProgressCallback = None,
+          on_piece: Callable[[StoryStep], None] | None = None) -> StoryOutput:
+    """The story; `on_piece` sees each text or image as soon as it exists, `progress` each image step
+    (`total` counts `max_images` images: a story may end sooner)."""
+    if not request.prompt.strip():
+        raise ValueError("give a prompt to start the story")
+    if request.max_images < 0:
+        raise ValueError(f"max_images={request.max_images} must be >= 0")
+    check_image_sampling(pipe, request.sampling)
+    on_step = _stepper(pipe, max(1, request.max_images), 1, request.sampling, progress)
+    steps = pipe.story(request.prompt, seed=request.seed, max_images=request.max_images, sampling=request.sampling,
+                       text_sampling=request.text_sampling, on_step=on_step, on_piece=on_piece)
+    record = {"prompt": request.prompt, "seed": request.seed, "max_images": request.max_images,
+              **_settings(request.sampling, drop=("image_guidance",)), "text": _settings(request.text_sampling)}
+    return StoryOutput(steps, record)
+
+
+def command_line(task: str, checkpoint: str, record: dict[str, Any], out: str = "out") -> str:
+    """The `anymodal generate` command that makes an output again from its record."""
+    args = ["anymodal", "generate", task, "--checkpoint", checkpoint]
+    flags = {"prompt": "--prompt", "instruction": "--instruction", "image": "--image", "question": "--question",
+             "seed": "--seed", "steps": "--steps", "guidance": "--guidance", "image_guidance": "--image-guidance",
+             "temperature": "--temperature", "top_k": "--top-k", "sampler": "--sampler",
+             "max_images": "--max-images"}
+    for key, flag in flags.items():
+        value = record.get(key)
+        if value is None or (key == "image_guidance" and task != "edit") or (
+                task in ("caption", "vqa") and key in ("steps", "guidance", "sampler")):
+            continue
+        args += [flag, str(value)]
+    interval = record.get("guidance_interval")
+    if interval and tuple(interval) != ImageSampling().guidance_interval:
+        args += ["--guidance-interval", *(str(v) for v in interval)]
+    if task in ("t2i", "edit", "story"):
+        args += ["--out", out]
+    return shlex.join(args)
+
