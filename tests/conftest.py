@@ -60,3 +60,22 @@ def make_system(tokenizer_dirs):
         return system
 
     return make
+
+
+@pytest.fixture
+def fit_args(tokenizer_dirs, tmp_path):
+    """Factory: `anymodal fit` arguments of the transfusion shapes recipe on the test tokenizers, debug size,
+    one step, batches of one row, everything written under tmp_path; `extra` flags go last."""
+    recipe = ROOT / "recipes" / "models" / "transfusion-shapes.yaml"
+
+    def args(*extra: str) -> list[str]:
+        return ["fit", "--config", str(recipe), "--config", str(ROOT / "recipes" / "strategy" / "cpu.yaml"),
+                "--model.init_args.text_tokenizer", TEXT_TOKENIZER,
+                "--model.init_args.image_tokenizer", tokenizer_dirs["continuous"], "--model.init_args.size", "debug",
+                "--trainer.max_steps=1", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks=[]",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
+                "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+                "--data.init_args.batch_size", "1", *extra]
+
+    return args

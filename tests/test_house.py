@@ -12,18 +12,6 @@ from anymodal.config import SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_TOKENIZER = str(ROOT / "tokenizers" / "shapes-text")
-RECIPE = ROOT / "recipes" / "models" / "transfusion-shapes.yaml"
-
-
-def _fit(tokenizer_dirs, tmp_path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(RECIPE), "--config", str(ROOT / "recipes" / "strategy" / "cpu.yaml"),
-            "--model.init_args.text_tokenizer", TEXT_TOKENIZER,
-            "--model.init_args.image_tokenizer", tokenizer_dirs["continuous"],
-            "--trainer.max_steps=1", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks=[]",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--data.init_args.batch_size", "1", *extra]
 
 
 def test_model_recipes_name_the_image_size_once():
@@ -38,11 +26,10 @@ def test_model_recipes_name_the_image_size_once():
         assert config
 
 
-def test_a_source_of_another_image_size_stops_fit_in_one_sentence(tokenizer_dirs, tmp_path, capsys, monkeypatch):
+def test_a_source_of_another_image_size_stops_fit_in_one_sentence(fit_args, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["anymodal"])
     with pytest.raises(SystemExit) as exit_:
-        main(_fit(tokenizer_dirs, tmp_path, "--model.init_args.size", "debug",
-                  "--model.init_args.image_size", "64"))  # the recipe's sources still yield 32 px
+        main(fit_args("--model.init_args.image_size", "64"))  # the recipe's sources still yield 32 px
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("anymodal fit: error: ShapesWorld yields 32 px images but the model is built for "

@@ -1,4 +1,4 @@
-"""Training callbacks: image grids of what a system produces.
+"""Training callbacks: image grids of what a system produces, and throughput with model-FLOPs utilisation.
 
 `ReconstructionGrid` writes originals (top row) above their reconstructions (bottom row) through an
 image tokenizer's public API, `decode(encode(x))`.
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ThroughputMonitor
 from PIL import Image as PILImage
 
 
@@ -88,3 +89,31 @@ class ReconstructionGrid(Callback):
         tok.train(was_training)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         return save_image_grid([x, recon], folder / name, self.scale)
+
+
+class MFUMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for packed Batches, with the model-FLOPs utilisation on CPUs too.
+
+    Logs `train/device/tokens_per_sec`, `train/device/flops_per_sec` and `train/device/mfu` (dense attention,
+    the PaLM convention) from the system's `flops_per_batch` (anymodal.flops). Lightning knows the peak of
+    CUDA devices; on a CPU the peak is this machine's measured matmul rate in the training precision.
+    """
+
+    def __init__(self, window_size: int = 20) -> None:
+        super().__init__(batch_size_fn=lambda batch: batch.tokens.shape[0],
+                         length_fn=lambda batch: batch.tokens.numel(), window_size=window_size)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None and trainer.strategy.root_device.type == "cpu":
+            from lightning.fabric.utilities.throughput import Throughput
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            from anymodal.flops import peak_flops
+
+            bf16 = "bf16" in str(trainer.precision)
+            self.available_flops, source = peak_flops("cpu", torch.bfloat16 if bf16 else torch.float32)
+            rank_zero_info(f"MFU is measured against {self.available_flops / 1e9:.0f} GFLOP/s ({source})")
+            for key in self._throughputs:
+                self._throughputs[key] = Throughput(available_flops=self.available_flops,
+                                                    world_size=trainer.world_size, **self.kwargs)

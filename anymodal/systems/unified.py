@@ -20,6 +20,7 @@ from anymodal.batch import Batch
 from anymodal.config import SIZES, ArchConfig
 from anymodal.data.sequence import SequenceEncoder
 from anymodal.diffusion.schedule import build_objective
+from anymodal.flops import TokenFlops, training_flops_per_token
 from anymodal.layout import build_layout
 from anymodal.losses import Losses, combine, diffusion_loss, token_losses, trained_positions
 from anymodal.masks import build_attention_mask
@@ -152,7 +153,16 @@ class UnifiedSystem(LightningModule):
                                        noised.target)
         return combine(text, codes, diffusion, z, self.hparams.code_weight, self.hparams.diffusion_weight)
 
+    def count_flops(self, batch: Batch) -> TokenFlops:
+        """Training FLOPs of `batch` (anymodal.flops), dense attention; also kept as `flops_per_batch`, which
+        Lightning's ThroughputMonitor (callbacks.MFUMonitor) turns into MFU."""
+        B, T = batch.tokens.shape
+        per_token = training_flops_per_token(self.model_config.arch, self.model_config.vocab_size, keys=T)
+        self.flops_per_batch = per_token.total * B * T
+        return per_token
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.count_flops(batch)
         losses = self.compute_losses(batch)
         now = time.perf_counter()
         if self._last_step_time is not None:
