@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first, the local CPU build; then nothing in the package can swap it for a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev,deepspeed]'
+	# the browser of tests/test_app.py: Debian's chromium (Playwright downloads no browser of its own)
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	$(BIN)/python -c "import torch, sys; print('torch', torch.__version__)"
 	touch $(STAMP)
 

@@ -10,6 +10,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_SCALINGS = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+"""RoPE scalings the decoder computes exactly, with the parameters each needs."""
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """Refuses a RoPE scaling the decoder does not compute, or one missing a parameter, in one sentence."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"RoPE scaling {kind!r} is not supported; the decoder computes "
+                         f"{', '.join(ROPE_SCALINGS)} RoPE exactly")
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}")
 
 
 @dataclass
@@ -46,6 +63,23 @@ class ArchConfig:
     init_std: float = 0.02
     """Standard deviation of the normal init of linear weights (residual output projections are scaled down
     by 1/sqrt(2*n_layers))."""
+    # Fields that pretrained LM families need (anymodal.model.hf maps their configs here); each default is
+    # the native decoder's own choice.
+    head_size: int = 0
+    """Width of one attention head; 0 derives it as dim / n_heads (Qwen3, Gemma and Mistral-Nemo set it freely)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); the output projection never has one."""
+    tied_embeddings: bool = False
+    """The LM head reuses the token embedding matrix (SmolLM, Gemma, small Qwen models)."""
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"
+    """Gate activation of the gated MLP: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)."""
+    norm_offset: bool = False
+    """RMSNorms scale by (1 + weight), with the weight initialised at 0 (Gemma)."""
+    embed_scale: bool = False
+    """Token embeddings are multiplied by sqrt(dim) (Gemma)."""
+    rope_scaling: dict | None = None
+    """RoPE frequency scaling: None, {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -53,12 +87,15 @@ class ArchConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.n_kv_heads is not None and self.n_kv_heads <= 0:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must be a positive integer (or None for n_heads)")
-        if self.dim % self.n_heads:
+        if self.head_size < 0:
+            raise ValueError(f"head_size={self.head_size} must be positive, or 0 to derive it as dim / n_heads")
+        if self.dim % self.n_heads and not self.head_size:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = dim/n_heads = {self.head_dim} must be even for rotary embeddings")
+            what = f"head_size={self.head_size}" if self.head_size else f"head_dim = dim/n_heads = {self.head_dim}"
+            raise ValueError(f"{what} must be even for rotary embeddings")
         if self.mlp_hidden < 0:
             raise ValueError(f"mlp_hidden={self.mlp_hidden} must be positive, or 0 to derive it from dim")
         if self.norm_eps <= 0:
@@ -71,11 +108,14 @@ class ArchConfig:
             raise ValueError(f"init_std={self.init_std} must be positive")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_act={self.mlp_act!r} must be one of {', '.join(MLP_ACTIVATIONS)}")
+        check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.dim // self.n_heads
+        """Width of one attention head: `head_size`, or dim / n_heads."""
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -94,6 +134,7 @@ class ArchConfig:
         """Parameters of the token embedding, the decoder and the LM head (no image projections)."""
         d, hd = self.dim, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2  # q, o + k, v
+        attn += (self.n_heads + 2 * self.kv_heads) * hd if self.qkv_bias else 0
         mlp = 3 * d * self.mlp_hidden_dim
         norms = 2 * d + (2 * hd if self.qk_norm else 0)
         embeddings = vocab_size * d * (1 if tied_embeddings else 2)

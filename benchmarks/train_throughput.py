@@ -134,7 +134,7 @@ def run_one(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(system.model.parameters(), recipe["trainer"].get("gradient_clip_val", 1.0))
         opt.step()
         if system.ema is not None:
-            system.ema.update_parameters(system.model)
+            system.ema.update(system.model)
         return float(losses.total.detach())
 
     def sync() -> None:

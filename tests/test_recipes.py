@@ -73,7 +73,13 @@ def test_model_recipe_parses_on_cpu(recipe):
 def test_strategy_recipe_composes_with_a_model_recipe(strategy, model):
     config = parse(RECIPES / "models" / f"{model}.yaml", strategy)
     for key, value in yaml.safe_load(strategy.read_text())["trainer"].items():
-        assert config.trainer[key] == value, key
+        if isinstance(value, dict) and "class_path" in value:  # a strategy class: its path and the given arguments
+            parsed = config.trainer[key]
+            assert parsed.class_path == value["class_path"], key
+            for name, given in value.get("init_args", {}).items():
+                assert parsed.init_args[name] == given, f"{key}.init_args.{name}"
+        else:
+            assert config.trainer[key] == value, key
 
 
 @pytest.mark.parametrize("recipe", TOKENIZERS, ids=names(TOKENIZERS))

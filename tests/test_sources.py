@@ -100,7 +100,7 @@ def test_load_image_converts_and_center_crops(tmp_path):
         ("svg", "supported format"),
         ("eps", "supported format"),
         ("huge", "header"),
-        ("empty", "supported format"),
+        ("empty", "is empty"),
     ],
 )
 def test_bad_images_raise_bad_image(name, message, tmp_path):

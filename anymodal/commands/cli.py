@@ -11,7 +11,9 @@ import argparse
 import os
 import sys
 
+from anymodal.app.settings import ServeSettings
 from anymodal.commands.demo import DemoSettings, run_demo
+from anymodal.commands.encode import add_encode_parser
 from anymodal.commands.generate import (
     add_eval_shapes_parser,
     add_generate_parser,
@@ -33,9 +35,12 @@ training (LightningCLI; compose recipes with a repeated --config):
 other commands:
   eval       evaluate a trained tokenizer or bundle (anymodal eval --help)
   text-tokenizer  train a byte-level BPE on a source's text
-  export     turn a training checkpoint into an inference bundle
+  text-lm    train a small text LM on a source's text, saved as a Hugging Face folder (for init_from)
+  encode     encode a source into shards of token ids and VQ codes or VAE latents (train without the image tokenizer)
+  export     turn a training checkpoint into an inference bundle, or a bundle into a Hugging Face folder
   generate   sample: t2i, edit, caption, vqa, story (anymodal generate --help)
   demo       train and evaluate everything on built-in data (what `make demo` runs)
+  serve      a web app over bundles: every task in the browser (anymodal serve --checkpoint BUNDLE)
 
 Run `anymodal <command> --help` for the options of a command.
 """
@@ -121,10 +126,43 @@ def build_source(name: str, seed: int = 0, image_size: int = 32):
     raise SystemExit(f"unknown source {name!r}: use shapes, digits, or a path to a .jsonl manifest")
 
 
+def _text_lm_parser(sub: argparse._SubParsersAction) -> None:
+    from anymodal.text_lm import TextLMSettings
+
+    d = TextLMSettings(out="")
+    p = sub.add_parser("text-lm", help="train a small text LM on a source's text; writes a Hugging Face folder")
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, the tokenizer)")
+    p.add_argument("--source", default="shapes", help="shapes, digits, or a JSONL manifest path (its Text segments)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="text tokenizer folder")
+    p.add_argument("--size", default=d.size, help="named decoder size (anymodal.config.SIZES)")
+    p.add_argument("--tied-embeddings", action="store_true", help="share the embedding with the LM head")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per packed row")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the source")
+
+
+def cmd_text_lm(ns: argparse.Namespace) -> None:
+    from anymodal.text_lm import TextLMSettings, train_text_lm
+
+    settings = TextLMSettings(out=ns.out, tokenizer=ns.tokenizer, size=ns.size, tied_embeddings=ns.tied_embeddings,
+                              steps=ns.steps, seq_len=ns.seq_len, batch_size=ns.batch_size, lr=ns.lr,
+                              warmup_steps=min(TextLMSettings.warmup_steps, max(1, ns.steps // 10)), seed=ns.seed)
+    out = train_text_lm(settings, build_source(ns.source, seed=ns.seed))
+    print(f"wrote {out}: a {ns.size}-size Llama LM (load_text_model or init_from reads it)")
+
+
 def _export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="turn a training checkpoint into an inference bundle")
-    p.add_argument("--checkpoint", required=True, help="a Lightning .ckpt of the unified model")
-    p.add_argument("--out", required=True, help="the bundle folder to write")
+    p = sub.add_parser("export", help="turn a training checkpoint into an inference bundle, or a bundle into a "
+                                      "Hugging Face folder (--format hf)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a Lightning .ckpt of the unified model, or the checkpoint folder of a ZeRO run (or, with "
+                        "--format hf, a bundle folder)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--format", default="bundle", choices=["bundle", "hf"],
+                   help="bundle: an anymodal bundle; hf: a discrete-path model as a Hugging Face causal-LM folder "
+                        "(AutoModelForCausalLM/AutoTokenizer load it; `anymodal generate` still samples from it)")
     p.add_argument("--holdout", action="append", default=[],
                    help="a held-out 'color shape' pair of the training data (repeatable; used by `eval shapes`)")
 
@@ -159,15 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
     _text_tokenizer_parser(sub)
+    _text_lm_parser(sub)
     add_generate_parser(sub)
     _export_parser(sub)
     _demo_parser(sub)
+    _serve_parser(sub)
+    add_encode_parser(sub)
     return parser
 
 
-def cmd_export(ns: argparse.Namespace) -> None:
-    from anymodal.checkpoint import export_checkpoint
+def cmd_encode(ns: argparse.Namespace) -> None:
+    from anymodal.commands.encode import run_encode
 
+    run_encode(ns)
+
+
+def cmd_export(ns: argparse.Namespace) -> None:
+    from anymodal.checkpoint import export_checkpoint, export_hf
+
+    if ns.format == "hf":
+        out = export_hf(ns.checkpoint, ns.out, {"holdout": ns.holdout} if ns.holdout else None)
+        print(f"wrote Hugging Face folder {out} (AutoModelForCausalLM, AutoTokenizer; VQ decoder in image_tokenizer/)")
+        return
     out = export_checkpoint(ns.checkpoint, ns.out, {"holdout": ns.holdout})
     print(f"wrote bundle {out}")
 
@@ -176,8 +227,33 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     run_generate(ns)
 
 
-COMMANDS = {"eval": cmd_eval, "text-tokenizer": cmd_text_tokenizer, "generate": cmd_generate,
-            "export": cmd_export, "demo": cmd_demo}
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    d = ServeSettings()
+    p = sub.add_parser("serve", help="a web app over one or several bundles (Gradio): every task in the browser")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="an inference bundle folder (repeatable: the page offers each in a dropdown)")
+    p.add_argument("--host", default=d.host, help="address to bind (0.0.0.0 serves every network interface)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default: 7860 or the next free one)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests sampled at once; others queue")
+    p.add_argument("--queue-size", type=int, default=d.queue_size, help="requests waiting at most")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="most images one request may ask for")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="most denoising steps a request may ask for")
+    p.add_argument("--max-story-images", type=int, default=d.max_story_images, help="most images one story may have")
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from anymodal.app.web import launch, load_pipelines
+
+    settings = ServeSettings(host=ns.host, port=ns.port, concurrency=ns.concurrency, queue_size=ns.queue_size,
+                             max_images=ns.max_images, max_steps=ns.max_steps,
+                             max_story_images=ns.max_story_images)
+    launch(load_pipelines(ns.checkpoint, ns.device), settings)
+
+
+COMMANDS = {"eval": cmd_eval, "text-tokenizer": cmd_text_tokenizer, "text-lm": cmd_text_lm, "generate": cmd_generate,
+            "export": cmd_export, "demo": cmd_demo, "serve": cmd_serve, "encode": cmd_encode}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,13 +269,23 @@ def main(argv: list[str] | None = None) -> None:
         command, run = ns.command, lambda: COMMANDS[ns.command](ns)
     try:
         run()
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # Bad input gets one sentence, not a traceback (ANYMODAL_DEBUG=1 shows it).
+    except (ValueError, OSError, KeyError) as e:
+        # Bad input (and a full disk, a missing permission) gets one sentence, not a traceback (ANYMODAL_DEBUG=1
+        # shows it).
         if os.environ.get("ANYMODAL_DEBUG"):
             raise
-        msg = e.args[0] if e.args else str(e)
-        print(f"anymodal {command}: error: {msg}", file=sys.stderr)
+        print(f"anymodal {command}: error: {error_sentence(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def error_sentence(e: BaseException) -> str:
+    """The message of `e` as one line: our own errors' text; an OS error with its file ("[Errno 28] No space
+    left on device: 'x'"); a KeyError's key without quotes."""
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return str(e.args[0])
+    if isinstance(e, OSError) or not (len(e.args) == 1 and isinstance(e.args[0], str)):
+        return str(e)
+    return e.args[0]
 
 if __name__ == "__main__":
     main()

@@ -61,6 +61,12 @@ def _text_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
 
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out folder that is not empty, removing an earlier run's outputs first "
+                        "(without it such a folder is refused)")
+
+
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample from a bundle: t2i, edit, caption, vqa, story")
     which = p.add_subparsers(dest="task", required=True)
@@ -69,6 +75,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     t.add_argument("--prompts", default=None, help="a file with one prompt per line")
     t.add_argument("--out", required=True, help="output folder: 0000.png, ... and index.jsonl")
+    _overwrite_arg(t)
     t.add_argument("--num-images", type=int, default=1, help="images per prompt")
     _image_sampling_args(t)
     e = which.add_parser("edit", help="edit an image by an instruction")
@@ -77,6 +84,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--instruction", default=None, help="what to change")
     e.add_argument("--edits", default=None, help="JSONL of {\"image\": path, \"instruction\": text} lines")
     e.add_argument("--out", required=True, help="output folder: 0000.png, ... and index.jsonl")
+    _overwrite_arg(e)
     _image_sampling_args(e, edits=True)
     c = which.add_parser("caption", help="caption images")
     _bundle_args(c)
@@ -91,6 +99,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     _bundle_args(s)
     s.add_argument("--prompt", required=True, help="how the story starts")
     s.add_argument("--out", required=True, help="output folder: story.html, story.md and images")
+    _overwrite_arg(s)
     s.add_argument("--max-images", type=int, default=4, help="most images in the story")
     s.add_argument("--text-temperature", type=float, default=TEXT.temperature, help="temperature of the story's text")
     _image_sampling_args(s)
@@ -121,10 +130,25 @@ def text_sampling(ns: argparse.Namespace) -> TextSampling:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
+def read_text_file(path: str, what: str) -> str:
+    """The UTF-8 text of the file given for `what` (e.g. "--prompts"); a missing or non-UTF-8 file is one sentence."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist" + (" (it is a folder)" if file.is_dir() else "")
+                                + "; check the path")
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{what} file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                         "save it as UTF-8") from None
+
+
 def _edit_pairs(ns: argparse.Namespace) -> list[tuple[str, str]]:
     pairs = []
     if ns.edits:
-        for i, line in enumerate(Path(ns.edits).read_text().splitlines(), 1):
+        for i, line in enumerate(read_text_file(ns.edits, "--edits").splitlines(), 1):
             if line.strip():
                 try:
                     rec = json.loads(line)
@@ -145,8 +169,10 @@ def run_generate(ns: argparse.Namespace) -> None:
     from anymodal.checkpoint import load_bundle
     from anymodal.generate import requests
     from anymodal.generate.tasks import Pipeline
-    from anymodal.generate.writers import write_images, write_story
+    from anymodal.generate.writers import claim_output, write_images, write_story
 
+    # before any work: never mix two runs in one folder (an earlier run's outputs go just before writing)
+    earlier = claim_output(ns.out, ns.overwrite) if ns.task in ("t2i", "edit", "story") else []
     pipe = Pipeline(load_bundle(ns.checkpoint, ns.device), use_cache=not ns.no_cache)
     with progress_bar() as bar:
         task = bar.add_task(ns.task, total=None)
@@ -157,7 +183,8 @@ def run_generate(ns: argparse.Namespace) -> None:
         if ns.task == "t2i":
             prompts = list(ns.prompt)
             if ns.prompts:
-                prompts += [line.strip() for line in Path(ns.prompts).read_text().splitlines() if line.strip()]
+                prompts += [line.strip() for line in read_text_file(ns.prompts, "--prompts").splitlines()
+                            if line.strip()]
             if not prompts:
                 raise ValueError("give at least one --prompt or a --prompts file")
             outputs = requests.text_to_image(pipe, requests.TextToImage(
@@ -175,6 +202,10 @@ def run_generate(ns: argparse.Namespace) -> None:
             story = requests.story(pipe, requests.Story(
                 ns.prompt, ns.seed, ns.max_images, image_sampling(ns), TextSampling(temperature=ns.text_temperature)),
                 report)
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    if earlier:
+        console.print(f"--overwrite: removed {len(earlier)} files of an earlier run from {ns.out}")
     if ns.task in ("t2i", "edit"):
         index = write_images(ns.out, [o.image for o in outputs], (o.record for o in outputs))
         console.print(f"wrote {len(outputs)} images and {index}")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from anymodal.data.sources import Source
@@ -126,7 +127,9 @@ class UnifiedDataModule(LightningDataModule):
     The sequence encoder (text tokenizer, image path, slots per image) comes from the system being trained
     (`trainer.lightning_module.sequence_encoder`), so a recipe states those once, on the model.
     Resuming from a checkpoint continues the stream where it stopped (with num_workers=0 the resumed run
-    sees exactly the batches an uninterrupted run would).
+    sees exactly the batches an uninterrupted run would). When every source is encoded shards
+    (`anymodal.data.shards.EncodedShards`), each reader's position is saved and restored directly, exact
+    with any number of workers and ranks (`anymodal.data.resumable`).
 
     sources:     Sources whose Documents are mixed into training rows
     weights:     relative share of each source (default: equal)
@@ -164,6 +167,8 @@ class UnifiedDataModule(LightningDataModule):
         self.val_sources, self.val_batches, self.num_workers = val_sources, val_batches, num_workers
         self.encoder = None
         self.start = 0
+        self.positions: dict | None = None  # the readers' saved positions (encoded shards), from load_state_dict
+        self.loader = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is None:
@@ -172,6 +177,12 @@ class UnifiedDataModule(LightningDataModule):
                 raise ValueError("UnifiedDataModule needs a system with a `sequence_encoder` (UnifiedSystem)")
             self.encoder = module.sequence_encoder
             check_image_sizes(self.sources + list(self.val_sources or []), getattr(module, "image_size", None))
+            from anymodal.data.shards import check_encoded_sources
+
+            hp = getattr(module, "hparams", {})
+            check_encoded_sources(self.sources + list(self.val_sources or []),
+                                  getattr(module, "text_tokenizer_dir", None), hp.get("image_tokenizer"),
+                                  hp.get("pre_encoded", False))
 
     def stream(self, sources: list[Source], weights: list[float] | None, seed: int, start: int = 0,
                drop: bool = True):
@@ -181,6 +192,15 @@ class UnifiedDataModule(LightningDataModule):
                              self.drop_text if drop else 0.0, self.drop_image if drop else 0.0, seed, start)
 
     def train_dataloader(self) -> DataLoader:
+        from anymodal.data.resumable import ResumableLoader, SeekableBatches, seekable
+
+        if seekable(self.sources):
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            batches = SeekableBatches(self.sources, self.encoder, self.seq_len, self.batch_size, self.weights,
+                                      self.drop_text, self.drop_image, self.seed, rank, world)
+            self.loader = ResumableLoader(batches, self.num_workers, self.start, self._saved_positions(world))
+            return self.loader
         return DataLoader(self.stream(self.sources, self.weights, self.seed, self.start), batch_size=None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
@@ -196,7 +216,28 @@ class UnifiedDataModule(LightningDataModule):
     def state_dict(self) -> dict:
         trainer = self.trainer
         served = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else self.start
-        return {"batches": served}
+        if self.loader is None:
+            return {"batches": served}
+        from anymodal.data.resumable import gather_states
+
+        world = trainer.world_size if trainer is not None else 1
+        return {"batches": served, "readers": world * max(1, self.num_workers),
+                "positions": gather_states(self.loader.state_at(served))}
 
     def load_state_dict(self, state: dict) -> None:
         self.start = int(state.get("batches", 0))
+        self.positions = state if "positions" in state else None
+
+    def _saved_positions(self, world: int) -> dict:
+        """The readers' saved positions, when the run resumes with as many readers as it saved them with."""
+        if self.positions is None:
+            if self.start > 0:
+                rank_zero_warn("the checkpoint holds no data positions (it was trained on other sources); the "
+                               "shards start over")
+            return {}
+        readers = world * max(1, self.num_workers)
+        if self.positions["readers"] != readers:
+            rank_zero_warn(f"the checkpoint's data positions are for {self.positions['readers']} readers (ranks x "
+                           f"workers) but this run has {readers}; each reader starts its shards over")
+            return {}
+        return self.positions["positions"]

@@ -17,9 +17,10 @@ Task = Literal["t2i", "caption", "vqa", "edit", "story", "text"]
 
 @dataclass
 class Text:
-    """A run of text."""
+    """A run of text; `ids` are its token ids when a source already holds them (encoded shards)."""
 
     text: str
+    ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):

@@ -7,12 +7,17 @@ header alone, whatever PIL's global `MAX_IMAGE_PIXELS` says), and only common ra
 formats are accepted (no EPS, which would run Ghostscript). Resizing center-crops: the
 shorter side is scaled to `size` and the middle square kept, so nothing is distorted and
 no padding appears that a model could learn to draw.
+
+Every valid raster is accepted and converted: grayscale, CMYK, palettes, 16-bit (scaled to
+8 bits, not clipped), transparency (composited onto white). Decisions: an animated image
+(GIF, WebP) gives its first frame; an image smaller than `size` is scaled up like any other.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -58,11 +63,10 @@ def _read(source: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str
             raise BadImage(f"{name} exceed max_bytes={max_bytes}; shrink the image or raise max_bytes")
         return data, name
     path = Path(source)
+    if path.is_dir():
+        raise BadImage(f"{path} is a folder, not an image file; give the path of an image file")
     if not path.is_file():
-        raise BadImage(
-            f"image file {path} does not exist; check the path (relative paths are resolved "
-            "against the manifest's folder)"
-        )
+        raise BadImage(f"image file {path} does not exist; check the path")
     nbytes = path.stat().st_size
     if nbytes > max_bytes:
         raise BadImage(
@@ -87,13 +91,18 @@ def load_image(
     `FORMATS`, a header claiming more than `max_pixels` pixels, or more than `max_bytes` bytes.
     """
     data, name = _read(source, max_bytes)
+    if not data:
+        raise BadImage(f"{name} is empty; re-export or remove it")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces PIL's warning; its hard error still applies.
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
             image = PILImage.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-    except PILImage.DecompressionBombError as e:
-        raise BadImage(f"{name} claims a huge size in its header ({e}); refusing to decode it") from None
+    except PILImage.DecompressionBombError as e:  # over twice PIL's own limit: refused while reading the header
+        found = re.search(r"Image size \((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "a huge size"
+        raise BadImage(f"{name} claims {size} in its header, over max_pixels={max_pixels:,} (a decompression "
+                       "bomb?); refusing to decode it") from None
     except PILImage.UnidentifiedImageError:
         raise BadImage(
             f"{name} is not an image in a supported format ({', '.join(FORMATS)}); convert it to PNG or JPEG"
@@ -129,9 +138,12 @@ def load_image(
 
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """RGB, with any transparency composited onto a white background."""
+    """RGB, with any transparency composited onto a white background; 16-bit values scaled to 8 bits."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grayscale: PIL's convert would clip at 255
+        wide = np.asarray(image, dtype=np.float64)  # (H, W) in [0, 65535]
+        image = PILImage.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if not has_alpha:
         return image.convert("RGB")

@@ -106,7 +106,7 @@ class SequenceEncoder:
         segments = doc.segments
         for si, seg in enumerate(segments):
             if isinstance(seg, Text):
-                ids = t.encode(seg.text)
+                ids = t.encode(seg.text) if seg.ids is None else list(seg.ids)
                 out.tokens += ids
                 predicted += [True] * len(ids)
                 continue

@@ -11,13 +11,16 @@ expansion, seeds, image loading and the settings record live here once:
     outputs[0].image, outputs[0].record  # (H, W, 3) uint8, {"prompt": ..., "seed": 0, "steps": 25, ...}
 
 Output i of a request uses seed `seed + i`. Each record holds the request's inputs, that seed and every
-sampling setting, so an output can be made again on the CLI (`command_line`).
+sampling setting, so an output can be made again on the CLI (`command_line`). Bad inputs (an empty prompt,
+control characters, a prompt that leaves no room for its image, an unreadable image) are refused in one
+sentence before any sampling.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shlex
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from anymodal.data.document import Text
 from anymodal.data.images import load_image
 from anymodal.generate.settings import ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline, StoryStep
@@ -156,6 +160,37 @@ def _stepper(pipe: Pipeline, n: int, batch_size: int, sampling: ImageSampling, p
     return on_step
 
 
+def check_texts(what: str, texts: Sequence[str]) -> None:
+    """Refuse, in one sentence, an empty text or one holding control characters (tab and newline are fine)."""
+    for i, text in enumerate(texts, 1):
+        name = f"the {what}" if len(texts) == 1 else f"{what} {i}"
+        if not isinstance(text, str):
+            raise ValueError(f"{name} must be text, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{name} is empty; give some text")
+        bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+        if bad is not None:
+            raise ValueError(f"{name} holds the control character U+{ord(bad):04X} at position {text.index(bad)}; "
+                             "remove it (tabs and newlines are fine)")
+
+
+def check_room(pipe: Pipeline, what: str, texts: Sequence[str], task: str, extra: int, purpose: str) -> None:
+    """Refuse a text whose prompt plus `extra` positions (for `purpose`: its image, ...) exceeds the model's
+    context."""
+    limit = pipe.bundle.config.arch.max_seq_len
+    for i, text in enumerate(texts, 1):
+        n = len(pipe.prompt([Text(text)], task))
+        if n + extra > limit:
+            name = f"the {what}" if len(texts) == 1 else f"{what} {i}"
+            raise ValueError(f"{name} is {n} tokens long and needs {extra} more for {purpose}, over the model's "
+                             f"context of {limit} tokens; shorten it by at least {n + extra - limit} tokens")
+
+
+def _image_room(pipe: Pipeline) -> int:
+    """Sequence positions one image takes: <boi>, its slots, <eoi>."""
+    return pipe.bundle.config.slots + 2
+
+
 def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> None:
     """Refuse settings the bundle cannot use, in one sentence, before any work."""
     if sampling.steps < 1:
@@ -173,6 +208,8 @@ def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallba
         raise ValueError("give at least one prompt")
     if request.num_images < 1:
         raise ValueError(f"num_images={request.num_images} must be at least 1")
+    check_texts("prompt", request.prompts)
+    check_room(pipe, "prompt", request.prompts, "t2i", _image_room(pipe), "its image")
     check_image_sampling(pipe, request.sampling)
     seeds = [request.seed + i for i in range(len(prompts))]
     on_step = _stepper(pipe, len(prompts), request.batch_size, request.sampling, progress)
@@ -187,6 +224,8 @@ def edit(pipe: Pipeline, request: Edit, progress: ProgressCallback = None) -> li
                          "give one instruction per image")
     if not request.images:
         raise ValueError("give at least one image and instruction")
+    check_texts("instruction", request.instructions)
+    check_room(pipe, "instruction", request.instructions, "edit", 2 * _image_room(pipe), "the two images")
     check_image_sampling(pipe, request.sampling)
     sources = _load(pipe, request.images)
     seeds = [request.seed + i for i in range(len(sources))]
@@ -227,6 +266,8 @@ def answer(pipe: Pipeline, request: Question, progress: ProgressCallback = None)
                          "give one image per question")
     if not request.questions:
         raise ValueError("give at least one question")
+    check_texts("question", request.questions)
+    check_room(pipe, "question", request.questions, "vqa", _image_room(pipe) + 1, "the image and an answer")
     pixels = _load(pipe, request.images)
     seeds = [request.seed + i for i in range(len(pixels))]
     texts = pipe.answer(pixels, request.questions, request.sampling, request.batch_size, seeds,
@@ -248,6 +289,8 @@ def story(pipe: Pipeline, request: Story, progress: ProgressCallback = None,
     (`total` counts `max_images` images: a story may end sooner)."""
     if not request.prompt.strip():
         raise ValueError("give a prompt to start the story")
+    check_texts("prompt", [request.prompt])
+    check_room(pipe, "prompt", [request.prompt], "story", 1, "the story")
     if request.max_images < 0:
         raise ValueError(f"max_images={request.max_images} must be >= 0")
     check_image_sampling(pipe, request.sampling)

@@ -17,6 +17,7 @@ from anymodal.masks import AttentionMask
 from anymodal.model.cache import KVCache
 from anymodal.nn.attention import Attention
 from anymodal.nn.mlp import SwiGLU
+from anymodal.nn.norms import OffsetRMSNorm, rms_norm
 from anymodal.nn.rope import RotaryEmbedding
 
 
@@ -25,12 +26,13 @@ class Block(nn.Module):
 
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.input_layernorm = rms_norm(config.dim, config.norm_eps, config.norm_offset)
         self.self_attn = Attention(
-            config.dim, config.n_heads, config.kv_heads, config.qk_norm, config.norm_eps
+            config.dim, config.n_heads, config.kv_heads, config.qk_norm, config.norm_eps,
+            head_dim=config.head_dim, qkv_bias=config.qkv_bias,
         )
-        self.post_attention_layernorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.dim, config.mlp_hidden_dim)
+        self.post_attention_layernorm = rms_norm(config.dim, config.norm_eps, config.norm_offset)
+        self.mlp = SwiGLU(config.dim, config.mlp_hidden_dim, config.mlp_act)
 
     def forward(
         self,
@@ -50,25 +52,35 @@ class Decoder(nn.Module):
     def __init__(self, config: ArchConfig) -> None:
         super().__init__()
         self.config = config
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = rms_norm(config.dim, config.norm_eps, config.norm_offset)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) linears, residual output projections scaled by 1/sqrt(2*n_layers); unit norms.
+        """Normal(0, init_std) linears, residual output projections scaled by 1/sqrt(2*n_layers), zero biases;
+        unit norms (zero weights for the (1 + weight) norms of `norm_offset`).
 
-        Callable again after building on the meta device and materialising (e.g. under ZeRO-3).
+        Callable again after building on the meta device and materialising. Runs through `Module.apply`,
+        which DeepSpeed's ZeRO-3 `zero.Init` wraps to gather each (already sharded) module's weights around the
+        call: the same values as in one process.
         """
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
+        residual = {module for name, module in self.named_modules() if name.endswith(("o_proj", "down_proj"))}
+
+        def init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
-                is_residual = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if module in residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, OffsetRMSNorm):
+                nn.init.zeros_(module.weight)
+
+        self.apply(init)  # the modules in the order of the loop over named_modules() it replaces
 
     def new_cache(self) -> KVCache:
         """An empty KV cache with one slot per layer."""

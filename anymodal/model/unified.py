@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anymodal.config import ArchConfig
@@ -116,20 +117,26 @@ class UnifiedModel(nn.Module):
         arch = config.arch
         self.embed_tokens = nn.Embedding(config.vocab_size, arch.dim)
         self.decoder = Decoder(arch)
-        self.lm_head = nn.Linear(arch.dim, config.vocab_size, bias=False)
-        nn.init.normal_(self.embed_tokens.weight, std=arch.init_std)
-        nn.init.normal_(self.lm_head.weight, std=arch.init_std)
+        # Tied embeddings (arch.tied_embeddings) have no head of their own: logits use embed_tokens.weight.
+        self.lm_head = None if arch.tied_embeddings else nn.Linear(arch.dim, config.vocab_size, bias=False)
+        # Built submodules are re-initialised through `apply`: under ZeRO-3's zero.Init they are already sharded
+        # and DeepSpeed gathers their weights around an applied function (a direct nn.init would see empty shards).
+        normal = lambda module: nn.init.normal_(module.weight, std=arch.init_std)  # noqa: E731
+        self.embed_tokens.apply(normal)
+        if self.lm_head is not None:
+            self.lm_head.apply(normal)
         if config.image_path == "continuous":
             self.patch_in = nn.Linear(config.patch_dim, arch.dim)
             self.patch_pos = nn.Parameter(torch.randn(config.slots, arch.dim) * arch.init_std)
             self.time_embed = TimestepEmbedder(arch.dim, time_scale=1.0)  # timesteps arrive in [0, 1000]
             self.patch_out = nn.Linear(arch.dim, config.patch_dim)
-            nn.init.zeros_(self.patch_out.weight)
-            nn.init.zeros_(self.patch_out.bias)
+            self.patch_out.apply(lambda module: (nn.init.zeros_(module.weight), nn.init.zeros_(module.bias)))
 
     def embed(self, tokens: torch.Tensor, continuous: ContinuousInput | None = None) -> torch.Tensor:
         """Input embeddings (B, T, D): token embeddings, with continuous patches written into their slots."""
         h = self.embed_tokens(tokens)  # (B, T, D)
+        if self.config.arch.embed_scale:  # Gemma: sqrt(dim), rounded to the activations' dtype as there
+            h = h * torch.tensor(self.config.arch.dim**0.5, dtype=h.dtype)
         if continuous is None or continuous.slots.numel() == 0:
             return h
         B, T, D = h.shape
@@ -146,6 +153,8 @@ class UnifiedModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., V) next-token logits over text ids and (discrete path) image codes."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def image_prediction(self, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

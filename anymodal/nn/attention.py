@@ -39,18 +39,20 @@ def _flex_attention(q, k, v, block_mask, enable_gqa):
 
 
 class Attention(nn.Module):
-    """q/k/v/o projections without bias; `n_kv_heads` key/value heads shared by groups of query heads."""
+    """q/k/v/o projections (biases on q/k/v only with `qkv_bias`, as Qwen2); `n_kv_heads` key/value heads
+    shared by groups of query heads; `head_dim` defaults to dim / n_heads."""
 
     def __init__(
-        self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool = False, norm_eps: float = 1e-5
+        self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool = False, norm_eps: float = 1e-5,
+        head_dim: int | None = None, qkv_bias: bool = False,
     ):
         super().__init__()
-        if dim % n_heads or n_heads % n_kv_heads:
+        if (head_dim is None and dim % n_heads) or n_heads % n_kv_heads:
             raise ValueError(f"dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads} must divide evenly")
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         # Same names as Qwen3's QK-norm, applied (like there) before RoPE.
         self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None

@@ -5,6 +5,8 @@ Positions are given per token, (B, T), because packed documents restart their po
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,22 +30,43 @@ class RotaryEmbedding(nn.Module):
     model to bf16 cannot degrade them and a module built on the meta device needs no re-initialisation.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, ...]:
         """positions: (B, T) int64 -> cos, sin: (B, T, head_dim) in `dtype`."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float()
-        inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))  # (D/2,)
+        inv_freq = scale_frequencies(1.0 / (self.theta ** (exponents / self.head_dim)), self.scaling)  # (D/2,)
         freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}"
+        return f"head_dim={self.head_dim}, theta={self.theta}, scaling={self.scaling}"
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies (D/2,) after a RoPE scaling, as transformers computes them ('linear': all divided by
+    the factor; 'llama3': long wavelengths divided, short ones kept, a smooth blend between)."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"RoPE scaling {kind!r} is not supported")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, scaled)

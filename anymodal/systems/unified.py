@@ -2,7 +2,8 @@
 
 It composes the frozen image tokenizer (encodes pixels on the fly: codes for the discrete path, latents
 for the continuous one), the text tokenizer, the diffusion objective, and the model, which it builds in
-`configure_model()` so that sharded strategies (ZeRO-3) can construct it.
+`configure_model()` so that sharded strategies (ZeRO-3) can construct it. With `init_from` the model
+starts from a pretrained Hugging Face causal LM (Liquid, LMFusion): its shape, tokenizer and weights.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from anymodal.batch import Batch
 from anymodal.config import SIZES, ArchConfig
@@ -24,18 +24,24 @@ from anymodal.flops import TokenFlops, training_flops_per_token
 from anymodal.layout import build_layout
 from anymodal.losses import Losses, combine, diffusion_loss, token_losses, trained_positions
 from anymodal.masks import build_attention_mask
+from anymodal.model.hf import init_from_lm, read_lm_arch
 from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
-from anymodal.tokenizers.image import load_image_tokenizer, tokenizer_kind
+from anymodal.systems.ema import WeightEMA
+from anymodal.tokenizers.fingerprint import image_tokenizer_fingerprint
+from anymodal.tokenizers.image import load_image_tokenizer, read_image_tokenizer_spec
 from anymodal.tokenizers.text import load_text_tokenizer
 
 
 class UnifiedSystem(LightningModule):
     def __init__(
         self,
-        text_tokenizer: str = "tokenizers/shapes-text",
+        text_tokenizer: str | None = None,
         image_tokenizer: str = "tokenizers/shapes-vae",
         size: str = "tiny",
         arch: dict | None = None,
+        init_from: str | None = None,
+        freeze_text: bool = False,
+        new_rows_lr: float | None = None,
         image_size: int = 32,
         patch_size: int = 2,
         objective: Literal["flow", "ddpm"] = "flow",
@@ -49,15 +55,26 @@ class UnifiedSystem(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         ema_decay: float = 0.999,
         seed: int = 0,
+        pre_encoded: bool = False,
     ) -> None:
         """
         Args:
-            text_tokenizer: folder of the text tokenizer (a Hugging Face tokenizer folder).
+            text_tokenizer: folder of the text tokenizer (a Hugging Face tokenizer folder); None: the init_from
+                folder's own tokenizer, or tokenizers/shapes-text without init_from.
             image_tokenizer: folder of a trained image tokenizer; a VQ-VAE selects the discrete path,
                 a VAE the continuous path.
             size: named decoder size (ArchConfig.from_name): debug, shapes, tiny, small, base, 1b, 7b.
             arch: overrides of the named size's fields, e.g. {max_seq_len: 4096}; start-up prints the size it
-                trains when they change it.
+                trains when they change it. With init_from only max_seq_len, attention, checkpoint_activations
+                and z_loss may be set.
+            init_from: a local Hugging Face causal-LM folder (config.json, safetensors, tokenizer; llama,
+                mistral, qwen2, qwen3, gemma) to start from instead of a named size: its shape, its tokenizer
+                (own bos/eos/pad kept, <boi>/<eoi> added) and its weights; rows it lacks (added specials,
+                image codes) start at the mean of its rows plus noise (anymodal.model.hf.init_from_lm).
+            freeze_text: with init_from, keep the LM's own weights (decoder, its embedding and head rows) fixed
+                and train only what it lacks: new rows and the image projections.
+            new_rows_lr: with init_from, the peak learning rate of what the LM lacks (new embedding/head rows,
+                the continuous path's image projections); None: lr for everything.
             image_size: side of the images in pixels; the data's sources must yield this size (checked at
                 start-up; recipes state it once with a YAML anchor).
             patch_size: latent patch side (continuous path).
@@ -72,30 +89,61 @@ class UnifiedSystem(LightningModule):
             betas: AdamW betas.
             ema_decay: decay of the exponential moving average of the weights used for sampling; 0 disables it.
             seed: seed of the noise and timestep draws (per step, so resumed runs draw the same).
+            pre_encoded: the data is encoded shards made by `anymodal encode` with this image tokenizer: only its
+                config.json is read, its weights are never loaded (nor saved in checkpoints; export reads them
+                from the folder), and a batch of pixels is refused.
         """
         super().__init__()
         self.save_hyperparameters()
-        self.text = load_text_tokenizer(text_tokenizer)
-        self.image_tokenizer = load_image_tokenizer(image_tokenizer)
-        self.image_tokenizer.requires_grad_(False).eval()
-        self.discrete = tokenizer_kind(self.image_tokenizer) == "vqvae"
+        if init_from is None and (freeze_text or new_rows_lr is not None):
+            raise ValueError("freeze_text and new_rows_lr need init_from (a pretrained LM whose weights they keep apart)")
+        if init_from is not None and text_tokenizer not in (None, init_from):
+            raise ValueError(f"init_from={init_from!r} brings its own tokenizer (its embedding rows follow it); leave "
+                             f"text_tokenizer unset instead of {text_tokenizer!r}")
+        if new_rows_lr is not None and new_rows_lr < 0:
+            raise ValueError(f"new_rows_lr={new_rows_lr} must be >= 0 (or None to use lr)")
+        self.lm_arch = read_lm_arch(init_from, **(arch or {})) if init_from else None  # refuses what cannot map
+        self.text_tokenizer_dir = str(init_from or text_tokenizer or "tokenizers/shapes-text")
+        self.text = load_text_tokenizer(self.text_tokenizer_dir)
+        self.image_spec = read_image_tokenizer_spec(image_tokenizer)  # kind, grid, codebook or channels
+        # Held outside the module tree (a tuple is no Module): no strategy casts the frozen tokenizer to bf16,
+        # shards it or hands it to an optimizer, and checkpoints do not copy its weights (export reads its folder).
+        self._image_tokenizer = (None if pre_encoded else load_image_tokenizer(image_tokenizer),)
+        if self.image_tokenizer is not None:
+            self.image_tokenizer.requires_grad_(False).eval()
+        self.discrete = self.image_spec.kind == "vqvae"
         self.objective = build_objective(objective)
         self.model_config = self._model_config()
         self.encoder = SequenceEncoder(self.text, self.model_config.image_path, self.model_config.slots, context_policy)
         self.model: UnifiedModel | None = None
-        self.ema: AveragedModel | None = None
+        self.ema = WeightEMA(ema_decay) if ema_decay > 0 else None  # fp32, over what each rank owns
+        self.lm_rows: torch.Tensor | None = None  # (V,) bool: token rows taken from the init_from LM
         self._last_step_time: float | None = None
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite: no update (saved with checkpoints)
+        self._loss: torch.Tensor | None = None  # this step's loss, checked before the optimizer step
+        self._skip = False
 
     # ---------------------------------------------------------------- building
     def _model_config(self) -> ModelConfig:
         hp = self.hparams
+        if self.lm_arch is not None:
+            arch = self.lm_arch
+            rank_zero_info(f"starting from the LM in {hp.init_from} (its shape, not size's): dim {arch.dim}, "
+                           f"{arch.n_layers} layers, {arch.n_heads} heads; its tokenizer gains "
+                           f"{', '.join(self.text.added) or 'nothing'}")
+            return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size)
         arch = ArchConfig.from_name(hp.size, **(hp.arch or {}))
         changed = {k: v for k, v in (hp.arch or {}).items() if getattr(SIZES[hp.size], k) != v}
         if changed:
             shape = ", ".join(f"{k}={v}" for k, v in changed.items())
             rank_zero_info(f"model size {hp.size!r} with the recipe's arch overrides {shape}: trains a decoder of "
                            f"dim {arch.dim}, {arch.n_layers} layers, {arch.n_heads} heads")
-        return build_model_config(arch, len(self.text), self.image_tokenizer, hp.image_size, hp.patch_size)
+        return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size)
+
+    @property
+    def image_tokenizer(self):
+        """The frozen image tokenizer (fp32, eval mode; None with pre_encoded)."""
+        return self._image_tokenizer[0]
 
     @property
     def image_size(self) -> int:
@@ -106,9 +154,27 @@ class UnifiedSystem(LightningModule):
         if self.model is not None:
             return
         self.model = UnifiedModel(self.model_config)
-        if self.hparams.ema_decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay))
-            self.ema.requires_grad_(False)
+        if self.hparams.init_from:
+            if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                raise ValueError("init_from copies the LM's weights into whole parameters, which ZeRO-3 shards as it "
+                                 "builds them; train from an LM with the ddp or zero2 strategy")
+            self.lm_rows = init_from_lm(self.model, self.hparams.init_from, self.text.added_ids, self.hparams.seed)
+            if self.hparams.freeze_text:
+                self.model.decoder.requires_grad_(False)
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # built inside ZeRO-3's zero.Init
+            self._gather_outside_weights()
+
+    def _gather_outside_weights(self) -> None:
+        """ZeRO-3 gathers a sharded weight only around its own module's forward; the weights the model reads
+        elsewhere (`patch_pos` in `embed`, a tied embedding in `logits`) are gathered around this system's
+        forward instead, which under DeepSpeed runs each training and validation step."""
+        import deepspeed
+
+        outside = list(self.model.parameters(recurse=False))
+        if self.model.lm_head is None:
+            outside.append(self.model.embed_tokens.weight)
+        for weight in outside:
+            deepspeed.zero.register_external_parameter(self, weight)
 
     @property
     def sequence_encoder(self) -> SequenceEncoder:
@@ -122,8 +188,12 @@ class UnifiedSystem(LightningModule):
         images = batch.images
         with torch.no_grad():
             if batch.image_kind == "pixels":
+                if self.image_tokenizer is None:
+                    raise ValueError("a batch of pixels reached a model built with pre_encoded=true (no image "
+                                     "tokenizer weights); train on shards made by `anymodal encode`, or set "
+                                     "pre_encoded: false")
                 self.image_tokenizer.to(images.device)
-                images = self.image_tokenizer.encode(images)
+                images = self.image_tokenizer.encode(images.float())  # fp32, as DeepSpeed's bf16 casts the batch
         if self.discrete:
             return batch.fill_codes(images, self.model_config.code_offset), None
         return batch, images.float()
@@ -171,28 +241,103 @@ class UnifiedSystem(LightningModule):
         self.log_dict({"train/loss": losses.total.detach(), "train/text_loss": losses.text,
                        "train/code_loss": losses.codes, "train/diffusion_loss": losses.diffusion},
                       prog_bar=True, batch_size=batch.tokens.shape[0])
+        self._loss = losses.total.detach()
         return losses.total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        losses = self.compute_losses(batch, self.ema.module if self.ema is not None else None)
+        # the EMA weights; under ZeRO they are sharded (export gathers them), so validation reads the trained ones
+        losses = self.compute_losses(batch, self.ema.averaged_model(self.model) if self.ema is not None else None)
         self.log_dict({"val/loss": losses.total, "val/text_loss": losses.text, "val/code_loss": losses.codes,
                        "val/diffusion_loss": losses.diffusion}, batch_size=batch.tokens.shape[0])
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the gradient norm; a non-finite loss or gradient (on any rank) drops this step's gradients, so
+        the optimizer step changes nothing (weights, moments, EMA), and counts it in `train/skipped_steps`.
+        The step still counts (schedule, data position, noise seeds move on): it costs exactly that step."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.log("grad_norm", norm)
+        finite = bool(torch.isfinite(norm)) and (self._loss is None or bool(torch.isfinite(self._loss)))
+        self._skip = not self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if self._skip:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            rank_zero_info(f"step {self.global_step}: the loss or a gradient is not finite; the step is skipped "
+                           f"({self.skipped_steps} so far)")
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the EMA's (here rather than at batch end, so that a checkpoint saved at batch
+        end by any callback holds the EMA of this step, and resuming from it is exact)."""
+        self._skip = False
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None and not self._skip:
+            self.ema.update(self.model)
+
+    def token_matrices(self) -> list[torch.nn.Parameter]:
+        """The embedding and (untied) LM-head matrices: one row per token."""
+        return [self.model.embed_tokens.weight] + ([self.model.lm_head.weight] if self.model.lm_head is not None else [])
+
+    def on_after_backward(self) -> None:
+        if self.hparams.freeze_text:  # the LM's own token rows stay as they are (no weight decay on them either)
+            for weight in self.token_matrices():
+                if weight.grad is not None:
+                    weight.grad[self.lm_rows.to(weight.device)] = 0
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: weight decay on matrices only (not on the matrices of frozen LM rows); with new_rows_lr, the
+        image projections (the LM lacks them) at new_rows_lr and the token matrices at the larger of the two rates
+        (`scale_row_steps` brings each kind of row to its own)."""
+        hp = self.hparams
+        tokens = {id(p) for p in self.token_matrices()}
+        groups: dict[tuple[float, bool], list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr = hp.lr
+            if hp.new_rows_lr is not None and name.startswith(("patch_in.", "patch_out.", "time_embed.", "patch_pos")):
+                lr = hp.new_rows_lr
+            elif hp.new_rows_lr is not None and id(p) in tokens:
+                lr = max(hp.lr, hp.new_rows_lr)
+            shape = getattr(p, "ds_shape", p.shape)  # a weight ZeRO-3 shards has shape (0,); ds_shape is its own
+            decay = len(shape) >= 2 and "patch_pos" not in name and not (hp.freeze_text and id(p) in tokens)
+            groups.setdefault((lr, decay), []).append(p)
+        return [{"params": params, "lr": lr, "weight_decay": hp.weight_decay if decay else 0.0}
+                for (lr, decay), params in groups.items()]
+
+    def scale_row_steps(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give the LM's token rows lr and the new ones new_rows_lr, though one matrix holds both: AdamW steps the
+        matrix at the larger rate and this hook scales the other rows' step down by the ratio after each step. That
+        is exactly AdamW at their own rate (its moments do not depend on the rate), and only ever shrinks a step, so
+        no rounding is amplified. Costs a copy of the scaled rows during the step."""
+        hp = self.hparams
+        top = max(hp.lr, hp.new_rows_lr)
+        ratio, scaled_are_lm = (hp.lr / top, True) if hp.lr < top else (hp.new_rows_lr / top, False)
+        matrices, before = [w for w in self.token_matrices() if w.requires_grad], []
+
+        def rows(w: torch.Tensor) -> torch.Tensor:
+            lm = self.lm_rows.to(w.device)
+            return lm if scaled_are_lm else ~lm
+
+        def keep(*_):
+            before[:] = [w.detach()[rows(w)].clone() for w in matrices]
+
+        @torch.no_grad()
+        def scale(*_):
+            for w, old in zip(matrices, before):
+                w[rows(w)] = old + ratio * (w[rows(w)] - old)
+
+        if ratio < 1:
+            optimizer.register_step_pre_hook(keep)
+            optimizer.register_step_post_hook(scale)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (decay if p.ndim >= 2 and "patch_pos" not in name else no_decay).append(p)
         hp = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        if (hp.freeze_text or hp.new_rows_lr is not None) and "DeepSpeed" in type(self.trainer.strategy).__name__:
+            raise ValueError("freeze_text and new_rows_lr act on rows of the embedding, which DeepSpeed's partitioned "
+                             "optimizer does not expose; use the ddp strategy (recipes/strategy/ddp.yaml)")
+        opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        if hp.new_rows_lr is not None:
+            self.scale_row_steps(opt)
         total = max(1, self.trainer.estimated_stepping_batches)
 
         def schedule(step: int) -> float:
@@ -208,9 +353,34 @@ class UnifiedSystem(LightningModule):
         """Record what export needs to rebuild the model without this class: plain types only."""
         checkpoint["anymodal"] = {"model": self.model_config.to_dict(), "objective": self.objective.config(),
                                   "image_size": self.hparams.image_size,
-                                  "text_tokenizer": str(self.hparams.text_tokenizer),
+                                  "text_tokenizer": self.text_tokenizer_dir,
                                   "image_tokenizer": str(self.hparams.image_tokenizer)}
+        checkpoint["anymodal_training"] = {"skipped_steps": self.skipped_steps}
+        if self.image_tokenizer is not None:  # its weights stay in its folder; export checks they are the same
+            checkpoint["anymodal"]["image_tokenizer_sha256"] = image_tokenizer_fingerprint(self.hparams.image_tokenizer)
+        if self.ema is not None:
+            checkpoint["anymodal"]["ema"] = self.ema.state_dict()  # under ZeRO-1/2 a collective: every rank saves
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("anymodal_training", {}).get("skipped_steps", 0))
+        state = checkpoint.get("state_dict", {})
+        # checkpoints written while the tokenizer was a submodule and the EMA an AveragedModel
+        legacy = {k: state.pop(k) for k in [k for k in state if k.startswith(("image_tokenizer.", "ema."))]}
+        record = checkpoint.get("anymodal", {}).get("ema")
+        if record is None and "ema.n_averaged" in legacy:
+            record = {"decay": self.hparams.ema_decay, "updates": int(legacy["ema.n_averaged"]),
+                      "weights": {k[len("ema.module."):]: {"shape": list(v.shape), "start": 0, "values": v.reshape(-1)}
+                                  for k, v in legacy.items() if k.startswith("ema.module.")}}
+        if self.ema is not None and record is not None:
+            self.ema.load_state_dict(record)
 
     def sampling_model(self) -> UnifiedModel:
-        """The EMA weights when kept, else the trained ones."""
-        return self.ema.module if self.ema is not None else self.model
+        """The EMA weights when kept, else the trained ones. Under ZeRO the EMA is sharded over the ranks:
+        export the checkpoint (`anymodal export`) and load the bundle."""
+        if self.ema is None:
+            return self.model
+        model = self.ema.averaged_model(self.model)
+        if model is None:
+            raise ValueError("the EMA weights are sharded over the ZeRO ranks; export the checkpoint with `anymodal "
+                             "export` and sample from the bundle")
+        return model

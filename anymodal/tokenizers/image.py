@@ -4,18 +4,22 @@ A folder holds
     config.json        {"kind": "vqvae" | "vae", "config": {...the config dataclass...}}
     model.safetensors  the weights (and buffers: codebook, scale factor)
     README.md          a card: what it is, its config, its reconstruction metrics
-Weights are read from safetensors only.
+Weights are read from safetensors only. The folder is written beside its place and renamed into it when
+complete (anymodal.atomic), so a full disk or a kill mid-save leaves the previous one.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from anymodal.atomic import atomic_folder
+from anymodal.tokenizers.grid import latent_grid
 from anymodal.tokenizers.vae import VAE, VAEConfig
 from anymodal.tokenizers.vqvae import VQVAE, VQVAEConfig
 
@@ -23,8 +27,10 @@ KINDS = {"vqvae": (VQVAE, VQVAEConfig), "vae": (VAE, VAEConfig)}
 FORMAT_VERSION = 1
 
 
-def tokenizer_kind(tok: VQVAE | VAE) -> str:
+def tokenizer_kind(tok: VQVAE | VAE | ImageTokenizerSpec) -> str:
     """"vqvae" or "vae"."""
+    if isinstance(tok, ImageTokenizerSpec):
+        return tok.kind
     for kind, (cls, _) in KINDS.items():
         if isinstance(tok, cls):
             return kind
@@ -64,24 +70,45 @@ def _card(kind: str, config: dict, metrics: dict | None, folder: Path, tok: VQVA
     return "\n".join(lines) + "\n"
 
 
-def save_image_tokenizer(tok: VQVAE | VAE, folder: str | Path, metrics: dict | None = None) -> Path:
-    """Write `tok` to `folder` (config.json, model.safetensors, README.md) and return the folder."""
+def save_image_tokenizer(tok: VQVAE | VAE, folder: str | Path, metrics: dict | None = None,
+                         display_path: str | Path | None = None) -> Path:
+    """Write `tok` to `folder` (config.json, model.safetensors, README.md) and return the folder.
+
+    The folder appears complete or not at all (an old one is replaced only then). `display_path`: the path
+    the README's example loads from (default: `folder`; a bundle writes its tokenizer from a temporary folder)."""
     kind = tokenizer_kind(tok)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = tokenizer_config(tok)
     doc = {"kind": kind, "format_version": FORMAT_VERSION, "config": config}
     if metrics:
         doc["metrics"] = metrics
-    (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"kind": kind})
-    (folder / "README.md").write_text(_card(kind, config, metrics, folder, tok))
+    with atomic_folder(folder) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"kind": kind})
+        (tmp / "README.md").write_text(_card(kind, config, metrics, Path(display_path or folder), tok))
+        (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     return folder
 
 
 def load_image_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> VQVAE | VAE:
     """The tokenizer saved in `folder` by `save_image_tokenizer`, in eval mode."""
+    folder = Path(folder)
+    kind, config = read_image_tokenizer_config(folder)
+    tok = KINDS[kind][0](config)
+    try:
+        state = load_file(str(folder / "model.safetensors"), device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a bad file
+        raise ValueError(f"{folder / 'model.safetensors'} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+                         "save or export the tokenizer again") from None
+    try:
+        tok.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / 'model.safetensors'} does not fit the {kind} in config.json: {e}") from e
+    return tok.to(device).eval()
+
+
+def read_image_tokenizer_config(folder: str | Path) -> tuple[str, VQVAEConfig | VAEConfig]:
+    """(kind, config) of the tokenizer saved in `folder`, read from its config.json alone."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image tokenizer folder {str(folder)!r} does not exist; train one with "
@@ -95,18 +122,38 @@ def load_image_tokenizer(folder: str | Path, device: str | torch.device = "cpu")
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e}); re-export the tokenizer") from e
     kind = doc.get("kind")
+    if kind is None and doc.get("format") == "anymodal-bundle":
+        raise ValueError(f"{str(folder)!r} is an anymodal bundle, not an image tokenizer folder; its tokenizer is "
+                         f"{str(folder / 'image_tokenizer')!r}")
     if kind not in KINDS:
         raise ValueError(f"{folder / 'config.json'} has kind={kind!r}; expected one of {', '.join(KINDS)}")
-    cls, config_cls = KINDS[kind]
+    config_cls = KINDS[kind][1]
     try:
-        config = config_cls(**doc.get("config", {}))
+        return kind, config_cls(**doc.get("config", {}))
     except TypeError as e:
         raise ValueError(f"{folder / 'config.json'} does not match {config_cls.__name__} ({e}); "
                          f"it was written by another version of anymodal") from e
-    tok = cls(config)
-    state = load_file(str(folder / "model.safetensors"), device=str(device))
-    try:
-        tok.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{folder / 'model.safetensors'} does not fit the {kind} in config.json: {e}") from e
-    return tok.to(device).eval()
+
+
+@dataclass(frozen=True)
+class ImageTokenizerSpec:
+    """What the unified model needs to know of an image tokenizer, without its weights (for training on
+    data it encoded beforehand): its kind, its downsampling, and its codebook size or latent channels."""
+
+    kind: str
+    downsample: int
+    codebook_size: int = 0
+    latent_channels: int = 0
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Code or latent grid (h, w) of an image of side `image_size` (or (H, W))."""
+        return latent_grid(image_size, self.downsample)
+
+
+def read_image_tokenizer_spec(folder: str | Path) -> ImageTokenizerSpec:
+    """The spec of the tokenizer saved in `folder`, from its config.json alone (no weights are read)."""
+    kind, config = read_image_tokenizer_config(folder)
+    if kind == "vqvae":
+        size = math.prod(config.fsq_levels) if config.quantizer == "fsq" else config.codebook_size
+        return ImageTokenizerSpec(kind, config.downsample, codebook_size=size)
+    return ImageTokenizerSpec(kind, config.downsample, latent_channels=config.latent_channels)

@@ -1,7 +1,9 @@
 """Text tokenizer: a byte-level BPE trained here with `tokenizers`, or any local Hugging Face tokenizer folder.
 
-Every text tokenizer carries the specials `<bos> <eos> <pad> <boi> <eoi>`; a loaded tokenizer that lacks
-them gets them added. Saved and loaded as a standard Hugging Face tokenizer folder.
+Every text tokenizer carries the specials `<bos> <eos> <pad> <boi> <eoi>`. A loaded tokenizer keeps its own
+bos, eos and pad tokens (a pretrained LM's, whose embedding rows are trained) and gets only what it lacks
+added: `<boi>`/`<eoi>`, and `<bos>`/`<eos>`/`<pad>` where it has none (a pad that is also its eos or bos gets
+its own `<pad>`: sampling masks the pad out). Saved and loaded as a standard Hugging Face tokenizer folder.
 This is the only module that imports Hugging Face `tokenizers`/`transformers` for text.
 """
 
@@ -18,12 +20,19 @@ class TextTokenizer:
     """A Hugging Face fast tokenizer plus the ids of the specials the unified model uses."""
 
     def __init__(self, hf_tokenizer) -> None:
-        missing = [s for s in SPECIALS if hf_tokenizer.convert_tokens_to_ids(s) in (None, hf_tokenizer.unk_token_id)]
+        own = {"<bos>": hf_tokenizer.bos_token, "<eos>": hf_tokenizer.eos_token, "<pad>": hf_tokenizer.pad_token}
+        if own["<pad>"] in (own["<eos>"], own["<bos>"]):
+            own["<pad>"] = None
+        tokens = {s: own.get(s) or s for s in SPECIALS}  # the tokenizer's own token for the role, or ours
+        missing = list(dict.fromkeys(t for t in tokens.values() if not _known(hf_tokenizer, t)))
         if missing:
             hf_tokenizer.add_special_tokens({"additional_special_tokens": missing})
-        hf_tokenizer.bos_token, hf_tokenizer.eos_token, hf_tokenizer.pad_token = "<bos>", "<eos>", "<pad>"
+        hf_tokenizer.bos_token, hf_tokenizer.eos_token = tokens["<bos>"], tokens["<eos>"]
+        hf_tokenizer.pad_token = tokens["<pad>"]
         self.hf = hf_tokenizer
-        ids = {s: hf_tokenizer.convert_tokens_to_ids(s) for s in SPECIALS}
+        self.added: tuple[str, ...] = tuple(missing)
+        """The specials this tokenizer lacked and got here (new, untrained rows for a pretrained LM)."""
+        ids = {s: hf_tokenizer.convert_tokens_to_ids(t) for s, t in tokens.items()}
         self.bos_id, self.eos_id, self.pad_id = ids["<bos>"], ids["<eos>"], ids["<pad>"]
         self.boi_id, self.eoi_id = ids["<boi>"], ids["<eoi>"]
 
@@ -39,6 +48,11 @@ class TextTokenizer:
     def special_ids(self) -> tuple[int, ...]:
         return (self.bos_id, self.eos_id, self.pad_id, self.boi_id, self.eoi_id)
 
+    @property
+    def added_ids(self) -> tuple[int, ...]:
+        """Ids of the specials in `added`."""
+        return tuple(self.hf.convert_tokens_to_ids(t) for t in self.added)
+
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, no specials added."""
         return self.hf.encode(text, add_special_tokens=False)
@@ -50,6 +64,12 @@ class TextTokenizer:
     def save(self, folder: str | os.PathLike) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(str(folder))
+
+
+def _known(hf_tokenizer, token: str) -> bool:
+    """Is `token` in the vocabulary (and not just mapped to the unknown token)?"""
+    i = hf_tokenizer.convert_tokens_to_ids(token)
+    return i is not None and (i != hf_tokenizer.unk_token_id or token == hf_tokenizer.unk_token)
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2) -> TextTokenizer:

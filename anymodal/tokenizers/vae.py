@@ -4,6 +4,11 @@ Pixels `(B, 3, H, W)` in [0, 1] become continuous latents `(B, C, H/f, W/f)` and
 f = 2 ** (len(block_out_channels) - 1). `encode` returns latents multiplied by `scale_factor`
 (measured as 1 / std of the latents over a data sample, so diffusion sees unit-variance latents);
 `decode` divides by it first. The network works in [-1, 1]; the public API speaks [0, 1] pixels.
+
+A VAE loaded from a pretrained diffusers folder keeps that folder's whole AutoencoderKL config
+(`VAEConfig.autoencoder`: activation, block types, `shift_factor`, `latents_mean`/`latents_std`, ...), so a
+saved tokenizer folder rebuilds exactly that network; its `shift_factor` is subtracted before scaling, as
+diffusers pipelines do: latents = (z - shift_factor) * scale_factor.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ class VAEConfig:
     pretrained_path: str | None = None
     """A local diffusers AutoencoderKL folder to load instead of building one from the fields above
     (their values are then read from that folder)."""
+    shift_factor: float | None = None
+    """Subtracted from the latents before scaling (diffusers' `shift_factor`, set by SD3- and Flux-style VAEs);
+    None: the pretrained model's with `pretrained_path`, else no shift."""
+    autoencoder: dict | None = None
+    """The whole diffusers AutoencoderKL config a pretrained VAE was loaded with (activation, block types,
+    latents_mean/std, ...), kept so a saved folder rebuilds that network; None: built from the fields above."""
 
     def __post_init__(self) -> None:
         self.block_out_channels = [int(c) for c in self.block_out_channels]
@@ -74,7 +85,9 @@ class VAEOutput:
 
 
 def build_autoencoder(cfg: VAEConfig) -> AutoencoderKL:
-    """A fresh AutoencoderKL from the fields of `cfg`."""
+    """A fresh AutoencoderKL from `cfg.autoencoder` (a pretrained VAE's whole config) or the fields of `cfg`."""
+    if cfg.autoencoder:
+        return AutoencoderKL.from_config(dict(cfg.autoencoder))
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -100,6 +113,11 @@ def load_pretrained_autoencoder(path: str) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(folder)
 
 
+def autoencoder_config(model: AutoencoderKL) -> dict:
+    """The diffusers config of `model` as plain JSON values (its private `_...` entries left out)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
 class VAE(nn.Module):
     """Image tokenizer: pixels (B, 3, H, W) in [0, 1] <-> scaled latents (B, C, H/f, W/f).
 
@@ -114,10 +132,12 @@ class VAE(nn.Module):
             self.model = load_pretrained_autoencoder(cfg.pretrained_path)
             mc = self.model.config
             scale = cfg.scale_factor if cfg.scale_factor is not None else float(mc.scaling_factor)
+            shift = cfg.shift_factor if cfg.shift_factor is not None else mc.get("shift_factor")
             cfg = replace(cfg, block_out_channels=list(mc.block_out_channels), latent_channels=mc.latent_channels,
                           layers_per_block=mc.layers_per_block, norm_num_groups=mc.norm_num_groups,
                           mid_block_add_attention=mc.mid_block_add_attention, use_quant_conv=mc.use_quant_conv,
-                          scale_factor=scale, pretrained_path=None)
+                          scale_factor=scale, shift_factor=None if shift is None else float(shift),
+                          pretrained_path=None, autoencoder=autoencoder_config(self.model))
         else:
             self.model = build_autoencoder(cfg)
         self.config = cfg
@@ -127,6 +147,11 @@ class VAE(nn.Module):
     def scale_factor(self) -> float:
         """What `encode` multiplies latents by."""
         return float(self.scale)
+
+    @property
+    def shift(self) -> float:
+        """What `encode` subtracts from latents before scaling (0 unless the config sets `shift_factor`)."""
+        return float(self.config.shift_factor or 0.0)
 
     @property
     def latent_channels(self) -> int:
@@ -149,7 +174,7 @@ class VAE(nn.Module):
         posterior = self.model.encode(pixels * 2 - 1).latent_dist
         z = posterior.sample() if sample else posterior.mode()  # (B, C, h, w), unscaled
         recon = (self.model.decode(z).sample + 1) / 2  # (B, 3, H, W)
-        return VAEOutput(recon=recon, latents=z * self.scale, kl=posterior.kl())
+        return VAEOutput(recon=recon, latents=(z - self.shift if self.shift else z) * self.scale, kl=posterior.kl())
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, sample: bool = False,
@@ -161,6 +186,8 @@ class VAE(nn.Module):
         self._check_pixels(pixels)
         posterior = self.model.encode(pixels * 2 - 1).latent_dist
         z = posterior.sample(generator) if sample else posterior.mode()  # (B, C, h, w)
+        if self.shift:
+            z = z - self.shift
         return z * self.scale
 
     @torch.no_grad()
@@ -168,7 +195,8 @@ class VAE(nn.Module):
         """latents (B, C, h, w), as `encode` returns them -> pixels (B, 3, H, W) in [0, 1]."""
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be (B, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
-        x = self.model.decode(latents / self.scale).sample  # (B, 3, H, W)
+        z = latents / self.scale
+        x = self.model.decode(z + self.shift if self.shift else z).sample  # (B, 3, H, W)
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""The web app of `anymodal serve` (Gradio): `web.py` builds and launches it."""
