@@ -229,8 +229,9 @@ def test_the_vocabulary_extension_keeps_the_lms_tokens_and_text_logits(lm_dirs, 
     lm_rows = reference.get_input_embeddings().weight[:n]
     new = weight[system.lm_rows.logical_not()]  # added specials and the 64 codes
     assert len(new) == len(added) + 64 and system.lm_rows[:n].all()
-    assert (new - lm_rows.mean(0)).norm(dim=1).max() < 0.5 * lm_rows.norm(dim=1).mean()  # near the mean ...
-    assert torch.cdist(new, new).add(torch.eye(len(new))).min() > 0  # ... but told apart
+    spread = (new - lm_rows.mean(0)).norm(dim=1).mean() / (lm_rows - lm_rows.mean(0)).norm(dim=1).mean()
+    assert 0.7 < spread < 1.3  # rows like the LM's own: around their mean, with their spread
+    assert torch.cdist(new, new).add(torch.eye(len(new))).min() > 0.1 * (lm_rows - lm_rows.mean(0)).norm(dim=1).mean()
 
 
 def train_two_steps(system: UnifiedSystem, seq_len: int, steps: int = 2) -> list[float]:
@@ -280,8 +281,9 @@ def test_every_task_samples_on_an_hf_backbone_and_the_cache_equals_recompute(lm_
     for pipe in (fast, slow):
         pipe.out = (pipe.text_to_image(["a red circle"], sampling=sampling)[0],
                     pipe.edit(images, ["make it blue"], sampling=sampling)[0], pipe.answer(images, ["what?"], text)[0])
-    for cached, recomputed in zip(fast.out, slow.out):
-        np.testing.assert_array_equal(np.asarray(cached), np.asarray(recomputed))
+    for cached, recomputed in zip(fast.out[:2], slow.out[:2]):  # images: float rounding may move a level
+        assert np.abs(cached.astype(int) - recomputed.astype(int)).max() <= 1
+    assert fast.out[2] == slow.out[2]  # the answer
     story = fast.story("a red circle.", max_images=1, sampling=sampling, text_sampling=text)
     assert story[0].text == "a red circle." and len(story) >= 1
 

@@ -52,9 +52,12 @@ REFUSED = {
 }
 """Well-known causal-LM families and what in them the native decoder does not compute."""
 
-NEW_ROW_NOISE = 0.1
+NEW_ROW_NOISE = 1.0
 """New embedding/head rows start at the mean of the LM's rows plus this times their per-dimension std of
-Gaussian noise: their logits start near the average one, and the noise tells the rows apart."""
+Gaussian noise: rows with the LM's own per-dimension mean and spread. Measured on the shapes world (a text LM
+continued on the discrete path, 300 steps): at 1.0 the image codes' loss fell as fast as from scratch (1.58 vs
+1.56), at 0.1 it lagged (2.09): codes barely apart enter the decoder as one input. Either way the new rows took
+0.2-0.3% of the probability at text positions at the start."""
 
 _OVERRIDABLE = ("max_seq_len", "attention", "checkpoint_activations", "z_loss")
 """ArchConfig fields a recipe may set on a pretrained LM (its shape comes from config.json)."""
@@ -282,8 +285,8 @@ def init_from_lm(model: nn.Module, folder: str | os.PathLike, new_ids: Collectio
 
     The decoder is copied. Token row i (embedding and head) is the LM's row i for every text id the LM has,
     except `new_ids` (specials its tokenizer lacked); every other row (those, and the image codes of the
-    discrete path) starts at the mean of the LM's rows plus `NEW_ROW_NOISE` x their std of noise. Text logits
-    on text are therefore the LM's. Returns the (V,) bool mask of the rows taken from the LM.
+    discrete path) starts at the mean of the LM's rows plus `NEW_ROW_NOISE` x their per-dimension std of noise.
+    Text logits on text are therefore the LM's. Returns the (V,) bool mask of the rows taken from the LM.
     """
     lm = load_text_model(folder)
     if lm.arch.dim != model.config.arch.dim or lm.arch.n_layers != model.config.arch.n_layers:
