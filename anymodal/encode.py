@@ -289,8 +289,9 @@ def encode(s: EncodeSettings, progress: bool = True) -> EncodeResult:
 
     shards, limits = plan_shards(s, open_source(s))
     out = Path(s.out)
+    fresh = new_manifest(s, shards)  # reads the tokenizers: a bad one is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    manifest = resume_manifest(s, new_manifest(s, shards))
+    manifest = resume_manifest(s, fresh)
     for stale in out.glob("shard-*.tar.tmp"):
         stale.unlink()
     manifest.write(out)

@@ -259,6 +259,13 @@ def non_empty_out(env: Env) -> list[str]:
     return t2i(env, "--prompt", "a red circle.")
 
 
+def encode(env: Env, *args: str, image_tokenizer: str | None = None) -> list[str]:
+    """`anymodal encode` of the shapes world with the test tokenizers into env.out, `args` replacing flags."""
+    return ["encode", "--source", "shapes", "--documents", "4", "--text-tokenizer", str(ROOT / "tokenizers" /
+            "shapes-text"), "--image-tokenizer", image_tokenizer or env.tokenizers["continuous"], "--image-size", "32",
+            "--out", str(env.out), *args]
+
+
 # ------------------------------------------------------------------------------------------------ the fuzz list
 @dataclass(frozen=True)
 class Case:
@@ -403,6 +410,17 @@ CASES = [
          lambda e: shard(e, {"000.json": b'{"task": "edit", "segments": [{"image": "src.png"}, {"text": "x"}, '
                                          b'{"image": "tgt.png"}]}', "000.src.png": encoded(noise(32, 32))}),
          "missing member (image 'tgt.png' is not in the sample"),
+    # encode (anymodal encode: sources, tokenizers and sizes)
+    Case("encode", "missing JSONL source", lambda e: encode(e, "--source", str(e.tmp / "none.jsonl")), "does not exist"),
+    Case("encode", "image tokenizer folder missing", lambda e: encode(e, image_tokenizer=str(e.tmp / "no-tokenizer")),
+         "does not exist"),
+    Case("encode", "encoding at an image size the tokenizer cannot tile", lambda e: encode(e, "--image-size", "30"),
+         "must be divisible"),
+    # serve (the page's own bad inputs are tested in a browser by tests/test_app.py)
+    Case("serve", "serving a folder that does not exist", lambda e: ["serve", "--checkpoint", str(e.tmp / "nothing")],
+         "does not exist"),
+    Case("serve", "serving an image tokenizer folder as a bundle",
+         lambda e: ["serve", "--checkpoint", e.tokenizers["continuous"]], "not an anymodal bundle"),
     # outputs
     Case("outputs", "output folder holding an earlier run", non_empty_out,
          "is not empty (it holds 0000.png, index.jsonl); pass --overwrite", earlier_run_kept),
