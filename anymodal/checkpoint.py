@@ -163,18 +163,13 @@ def load_bundle(folder: str | os.PathLike, device: str | torch.device = "cpu",
             raise BundleError(f"bundle {str(folder)!r} has no {name}/ folder, and the model cannot run without the "
                               "tokenizer it was trained with; export the bundle again with `anymodal export`")
     _check_fingerprints(folder, doc.get("fingerprints") or {})
+    from anymodal.model.hf import load_matching
+
     model = UnifiedModel(config)
-    state = read_safetensors(weights)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                           for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                           if keys)
-        raise BundleError(f"the weights in {weights} belong to another architecture than its config.json ({detail})")
-    model.load_state_dict(state)
+    try:
+        load_matching(model, read_safetensors(weights), str(weights), "belong to another architecture than its config.json")
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     model.eval().requires_grad_(False)
     text = load_text_tokenizer(folder / "text_tokenizer")
     if len(text) != config.text_vocab_size:

@@ -1,4 +1,7 @@
-"""Model FLOPs of the decoder, and model-FLOPs utilisation (MFU) against the device's peak.
+"""Model FLOPs of the decoder: the numerator of model-FLOPs utilisation (MFU).
+
+The denominator is the device's peak: Lightning's table of accelerators on CUDA, this machine's measured
+matmul rate on a CPU (anymodal.hardware.matmul_rate); anymodal.systems.callbacks.MFUMonitor divides.
 
 Counted from the architecture, matmul by matmul (a multiply-add is 2 FLOPs; backward costs twice the
 forward, so training is 3x forward):
@@ -20,18 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from anymodal.config import ArchConfig
-
-# Dense bf16 peak (FLOP/s) of accelerators, by a substring of torch.cuda.get_device_name(); no sparsity.
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is 756e12
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "V100": 125e12,
-}
 
 
 def linear_params(arch: ArchConfig, vocab_size: int) -> int:
@@ -70,19 +61,3 @@ def mask_keys(allowed: torch.Tensor) -> float:
     real = per_query > 0
     return float(per_query[real].float().mean()) if bool(real.any()) else 0.0
 
-
-def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) of `device` for matmuls in `dtype`.
-
-    CUDA: the table `PEAK_BF16` (halved for fp32 without TF32 is not assumed: the table is bf16);
-    CPU: measured here, the best of a few 1024^3 matmuls (see anymodal.hardware.matmul_rate)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} (table, bf16 dense)"
-        raise ValueError(f"no peak FLOP/s known for {name!r}; add it to anymodal.flops.PEAK_BF16")
-    from anymodal.hardware import matmul_rate
-
-    return matmul_rate(dtype), f"CPU, measured {dtype} matmul, {torch.get_num_threads()} threads"

@@ -31,6 +31,7 @@ import torch
 
 from anymodal.data.document import Text
 from anymodal.data.images import load_image
+from anymodal.diffusion.schedule import check_sampler
 from anymodal.generate.settings import ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline, StoryStep
 
@@ -199,7 +200,7 @@ def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> None:
         if pipe.bundle.image_path == "discrete":
             raise ValueError(f"sampler={sampling.sampler!r} applies to the continuous path; this bundle samples "
                              "image codes (set a temperature instead)")
-        pipe.bundle.objective.make_sampler(1, sampling.sampler)  # raises for an incompatible sampler
+        check_sampler(pipe.bundle.objective, sampling.sampler)
 
 
 def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallback = None) -> list[ImageOutput]:

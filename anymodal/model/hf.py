@@ -214,8 +214,10 @@ def read_lm_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """`module.load_state_dict(state, assign=True)` after checking names and shapes, in one sentence if they differ."""
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], where: str,
+                  problem: str = "do not match its config.json") -> None:
+    """`module.load_state_dict(state, assign=True)` after checking names and shapes; if they differ, one sentence:
+    `the weights in {where} {problem} (missing: ...; wrong shape: ...)`."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -223,7 +225,7 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], where: str)
         detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                            if keys)
-        raise ValueError(f"the weights in {where} do not match its config.json ({detail})")
+        raise ValueError(f"the weights in {where} {problem} ({detail})")
     module.load_state_dict(state, assign=True)
 
 

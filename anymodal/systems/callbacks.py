@@ -109,11 +109,12 @@ class MFUMonitor(ThroughputMonitor):
             from lightning.fabric.utilities.throughput import Throughput
             from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-            from anymodal.flops import peak_flops
+            from anymodal.hardware import matmul_rate
 
-            bf16 = "bf16" in str(trainer.precision)
-            self.available_flops, source = peak_flops("cpu", torch.bfloat16 if bf16 else torch.float32)
-            rank_zero_info(f"MFU is measured against {self.available_flops / 1e9:.0f} GFLOP/s ({source})")
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            self.available_flops = matmul_rate(dtype)
+            rank_zero_info(f"MFU is measured against {self.available_flops / 1e9:.0f} GFLOP/s (CPU, measured {dtype} "
+                           f"matmul, {torch.get_num_threads()} threads)")
             for key in self._throughputs:
                 self._throughputs[key] = Throughput(available_flops=self.available_flops,
                                                     world_size=trainer.world_size, **self.kwargs)
