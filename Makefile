@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: test demo bench lint install clean
+.PHONY: test demo bench bench-peer lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# lucidrains' transfusion-pytorch trained beside anymodal on the same data, size and wall-clock budget
+bench-peer: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[peer]'
+	$(BIN)/python benchmarks/peer.py
 
 clean:
 	rm -rf $(VENV) checkpoints/demo

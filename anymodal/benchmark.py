@@ -2,7 +2,7 @@
 
 Seen compositions come from the world's training split; held-out (color, shape) pairs, when the bundle
 records any, from its held-out split. Stories are free interleaved generation: the model writes each
-"then {edit}." itself; a story is exact when it has 2 to 4 images, each edit parses, and every image shows
+"then {edit}." (the last: "finally {edit}.") itself and ends the story; a story is exact when it has 2 to 4 images, each edit parses, and every image shows
 the scene its text describes.
 """
 
@@ -33,10 +33,25 @@ _EDITS = [
 ]
 
 
+def typed(text: str, i: int) -> str:
+    """`text` as the i-th person types it: one of four habits (capitalised and the final period toggled,
+    all capitals, doubled and surrounding spaces, title case without a final period)."""
+    toggled = text[:-1] if text.endswith(".") else text + "."
+    habit = i % 4
+    if habit == 0:
+        return toggled[:1].upper() + toggled[1:]
+    if habit == 1:
+        return text.upper()
+    if habit == 2:
+        return "  " + text.replace(" ", "  ") + " "
+    return text.rstrip(".").title()
+
+
 def apply_edit(scene: Scene, instruction: str) -> Scene | None:
     """The scene after `instruction` (one of the world's four edits), or None if it does not apply."""
     text = " ".join(instruction.strip().lower().rstrip(".").split())
-    text = text[len("then "):] if text.startswith("then ") else text
+    for word in ("then ", "finally "):
+        text = text[len(word):] if text.startswith(word) else text
     for kind, pattern in _EDITS:
         m = pattern.fullmatch(text)
         if m is None:
@@ -72,6 +87,9 @@ class BenchSettings:
     """Stories per split at most (each is sampled one at a time: the slowest task)."""
     tasks: tuple[str, ...] = TASKS
     """Tasks to run."""
+    typed: bool = False
+    """Give every prompt, instruction and question as people type them (`typed`): other casing, extra spaces,
+    a final period dropped or added, instead of the world's canonical text."""
 
 
 @dataclass
@@ -122,8 +140,9 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
             report(done[0])
 
     bs = settings.batch_size
+    say = (lambda text, i: typed(text, i)) if settings.typed else (lambda text, i: text)
     if task == "t2i":
-        prompts = [d.segments[0].text for d in docs]
+        prompts = [say(d.segments[0].text, i) for i, d in enumerate(docs)]
         images = pipe.text_to_image(prompts, seeds, sampling, bs, tick)
         for d, p, im in zip(docs, prompts, images):
             ok = scorer.add_t2i(d.meta["scenes"][0], im, heldout)
@@ -138,7 +157,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
                 kept.append({"image": array_from_pixels(src), "output": t, "truth": caption(d.meta["scenes"][0]), "exact": ok})
     elif task == "vqa":
         sources = [d.segments[0].pixels for d in docs]
-        questions = [d.meta["question"] for d in docs]
+        questions = [say(d.meta["question"], i) for i, d in enumerate(docs)]
         answers = pipe.answer(sources, questions, greedy, bs, progress=tick)
         for d, src, q, a in zip(docs, sources, questions, answers):
             ok = scorer.add_vqa(d.meta["answer"], a, heldout)
@@ -146,7 +165,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
                 kept.append({"image": array_from_pixels(src), "question": q, "output": a, "truth": d.meta["answer"], "exact": ok})
     elif task == "edit":
         sources = [d.segments[0].pixels for d in docs]
-        instructions = [d.meta["instruction"] for d in docs]
+        instructions = [say(d.meta["instruction"], i) for i, d in enumerate(docs)]
         images = pipe.edit(sources, instructions, seeds, sampling, bs, tick)
         for d, src, ins, im in zip(docs, sources, instructions, images):
             ok = scorer.add_edit(d.meta["scenes"][1], im, heldout)
@@ -155,7 +174,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
                              "read": None if ok else scorer.read(im)})
     elif task == "story":
         for i, d in enumerate(docs):
-            prompt = d.segments[0].text
+            prompt = say(d.segments[0].text, i)
             steps = pipe.story(prompt, seed=seeds[i], max_images=4, sampling=sampling, text_sampling=greedy)
             scenes, images = _story_scenes(steps, d.meta["scenes"][0])
             ok = scorer.add_story(scenes, images, heldout) if 2 <= len(images) <= 4 and scenes is not None else \

@@ -4,22 +4,63 @@ from __future__ import annotations
 
 import torch
 
+BF16_MIN_SPEEDUP = 1.3
+"""bfloat16 counts as native for a workload when it runs at least this many times faster than float32 here."""
 
-def native_bf16() -> bool:
-    """Whether bfloat16 convolutions run on native units here: a CUDA device, or a CPU with AMX tiles.
+_bf16_speedup: dict[str, float] = {}
 
-    CPUs without them emulate bfloat16 and run it several times slower than float32."""
+
+def bf16_speedup(workload: str = "matmul") -> float:
+    """Measured ratio of this CPU's bfloat16 to float32 rate (once per process and workload): `matmul` (the
+    transformers: 512^3 matmuls) or `conv` (the image tokenizers: 3x3 convolutions of 64 channels at 32x32).
+
+    The two differ by machine: an AMX Xeon runs both 4-5x faster in bfloat16; an AMD Zen 5 (AVX512-BF16)
+    runs matmuls 4.5x faster but these convolutions no faster; CPUs that emulate bfloat16 run both slower.
+    A measurement rather than a feature flag: flags name instructions, not speed."""
+    if workload not in ("matmul", "conv"):
+        raise ValueError(f"workload={workload!r} must be 'matmul' or 'conv'")
+    if workload not in _bf16_speedup:
+        rate = matmul_rate if workload == "matmul" else conv_rate
+        _bf16_speedup[workload] = rate(torch.bfloat16) / rate(torch.float32)
+    return _bf16_speedup[workload]
+
+
+def native_bf16(workload: str = "matmul") -> bool:
+    """Whether bfloat16 runs `workload` on native units here: a CUDA device with bf16, or a CPU whose measured
+    bfloat16 rate beats float32 by `BF16_MIN_SPEEDUP` (`bf16_speedup`)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    return bf16_speedup(workload) >= BF16_MIN_SPEEDUP
 
 
-def resolve_precision(precision: str) -> str | None:
-    """`auto` -> bf16-mixed with native bfloat16, else None (keep the recipe's); anything else as given."""
+def resolve_precision(precision: str, workload: str = "matmul") -> str | None:
+    """`auto` -> bf16-mixed where bfloat16 runs `workload` natively, else None (keep the recipe's); anything
+    else as given."""
     if precision != "auto":
         return precision
-    return "bf16-mixed" if native_bf16() else None
+    return "bf16-mixed" if native_bf16(workload) else None
+
+
+def _best_time(fn, repeats: int) -> float:
+    import time
+
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def conv_rate(dtype: torch.dtype = torch.float32, channels: int = 64, size: int = 32, batch: int = 8,
+              repeats: int = 3) -> float:
+    """Measured FLOP/s of a 3x3 convolution (batch, channels, size, size) in `dtype` on this CPU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g).to(dtype)
+    w = torch.randn(channels, channels, 3, 3, generator=g).to(dtype)
+    best = _best_time(lambda: torch.nn.functional.conv2d(x, w, padding=1), repeats)
+    return 2 * batch * channels * channels * 9 * size * size / best
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
@@ -27,14 +68,6 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int 
 
     The denominator of CPU model-FLOPs utilisation: what this machine's matmul reaches, with the
     threads torch uses now."""
-    import time
-
     g = torch.Generator().manual_seed(0)  # the global RNG stays untouched: training draws stay as they were
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_time(lambda: a @ b, repeats)

@@ -22,14 +22,17 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
     assert (out / "overview.png").is_file()
 
 
-def test_auto_precision_picks_bf16_only_with_native_units(monkeypatch):
+def test_auto_precision_picks_bf16_only_where_it_measures_faster(monkeypatch):
     import torch
 
-    from anymodal.hardware import resolve_precision
+    from anymodal import hardware
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert resolve_precision("auto") is None  # keep the recipe's 32-true
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert resolve_precision("auto") == "bf16-mixed"
-    assert resolve_precision("32-true") == "32-true"
+    # an emulating CPU; AMD Zen 5 (matmuls faster, small convolutions not); an AMX Xeon (both faster)
+    for matmul, conv, expected in ((0.5, 0.6, (None, None)), (4.5, 0.9, ("bf16-mixed", None)),
+                                   (4.8, 3.0, ("bf16-mixed", "bf16-mixed"))):
+        monkeypatch.setattr(hardware, "_bf16_speedup", {})
+        monkeypatch.setattr(hardware, "matmul_rate", lambda dtype, r=matmul: r if dtype == torch.bfloat16 else 1.0)
+        monkeypatch.setattr(hardware, "conv_rate", lambda dtype, r=conv: r if dtype == torch.bfloat16 else 1.0)
+        assert (hardware.resolve_precision("auto"), hardware.resolve_precision("auto", "conv")) == expected
+    assert hardware.resolve_precision("32-true") == "32-true"  # None above keeps the recipe's 32-true

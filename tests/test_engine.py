@@ -268,9 +268,9 @@ def _bigram(bundle: Bundle, rules: dict[int, int]) -> None:
 
 
 def _story_rules(bundle: Bundle, then: str) -> tuple[int, int, dict[int, int]]:
-    """Prompt "x" -> A B, then `then` ('image': <boi>, and after <eoi> again A B; 'end': <eos>)."""
+    """Prompt "x." -> A B, then `then` ('image': <boi>, and after <eoi> again A B; 'end': <eos>)."""
     text = bundle.text
-    (last,) = text.encode("x")
+    last = text.encode("x.")[-1]
     a, b = text.encode(" red circle")[:2]
     assert len({last, a, b}) == 3
     rules = {last: a, a: b, b: text.boi_id if then == "image" else text.eos_id, text.eoi_id: a}
@@ -282,29 +282,30 @@ def test_story_alternates_text_and_images(bundle, then):
     a, b, rules = _story_rules(bundle, then)
     _bigram(bundle, rules)
     pipe = Pipeline(bundle)
-    steps = pipe.story("x", seed=0, max_images=2, sampling=ImageSampling(steps=2),
+    steps = pipe.story("x.", seed=0, max_images=2, sampling=ImageSampling(steps=2),
                        text_sampling=TextSampling(temperature=1.0, max_new_tokens=8))
     kinds = ["image" if s.image is not None else "text" for s in steps]
     words = bundle.text.decode([a, b]).strip()
     if then == "end":
         assert kinds == ["text", "text"] and steps[1].text == words
         return
-    assert kinds == ["text", "text", "image", "text", "image", "text"]  # at most max_images images
-    assert [s.text for s in steps if s.text is not None] == ["x", words, words, words]
+    # at most max_images images, and no text after the last: it would be an instruction never drawn
+    assert kinds == ["text", "text", "image", "text", "image"]
+    assert [s.text for s in steps if s.text is not None] == ["x.", words, words]
     size = bundle.image_size
     assert all(s.image.shape == (size, size, 3) and s.image.dtype == np.uint8 for s in steps if s.image is not None)
 
 
 def test_story_images_back_to_back_are_closed_by_eoi(bundle):
     text = bundle.text
-    (last,) = text.encode("x")
+    last = text.encode("x.")[-1]
     _bigram(bundle, {last: text.boi_id, text.eoi_id: text.boi_id})  # nothing but images
     pipe = Pipeline(bundle)
-    steps = pipe.story("x", max_images=3, sampling=ImageSampling(steps=2))
+    steps = pipe.story("x.", max_images=3, sampling=ImageSampling(steps=2))
     assert [s.image is not None for s in steps] == [False, True, True, True]
     # the same loop on an engine: its sequence holds <boi> N slots <eoi> per image
     engine = _engine(bundle, True)
-    prompt = pipe.prompt([Text("x")], "story")
+    prompt = pipe.prompt([Text("x.")], "story")
     engine.start([prompt, pipe.prompt([], "story")], branches=2)
     for _ in range(3):
         assert engine.generate_text(TextSampling(), stop_at_boi=True) == [[text.boi_id]]

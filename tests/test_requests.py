@@ -143,3 +143,26 @@ def test_generate_refuses_a_sampler_of_another_objective_in_one_line(continuous,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("anymodal generate: error: sampler 'ddpm' does not fit the flow objective")
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_prompts_as_people_type_them_read_as_the_canonical_text(continuous):
+    """Casing (the shapes tokenizer lower-cases), spaces and a story's missing final period change nothing."""
+    from anymodal.benchmark import typed
+    from anymodal.generate.tasks import as_sentence, clean_text
+
+    pipe = Pipeline(continuous)
+    canonical = "a red circle at the top left and a blue square at the center"
+    variants = [typed(canonical, i) for i in range(4)]
+    assert len(set(variants)) == 4 and canonical not in variants
+    assert [clean_text(v).lower().rstrip(".") for v in variants] == [canonical] * 4
+    sampling = ImageSampling(steps=2)
+    for prompt in variants[1:3] + ["  A Red Circle at the top left and a BLUE square at the center "]:
+        assert np.array_equal(pipe.text_to_image([prompt], [0], sampling)[0],
+                              pipe.text_to_image([canonical], [0], sampling)[0])
+    assert as_sentence(" a red circle ") == as_sentence("a red circle.") == "a red circle."
+    assert as_sentence("is it red?") == "is it red?"
+    text = TextSampling(max_new_tokens=4)
+    story = [s.text for s in pipe.story("A red circle", max_images=1, sampling=sampling, text_sampling=text)]
+    assert story[0] == "A red circle."  # the prompt as the story shows it; what follows reads it lower-cased
+    assert story[1:] == [s.text for s in pipe.story("a red circle.", max_images=1, sampling=sampling,
+                                                    text_sampling=text)][1:]

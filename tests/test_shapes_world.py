@@ -140,6 +140,19 @@ def test_holdout_is_respected_per_split():
     assert 0 < sum(d.meta["heldout"] for d in both) < 300
 
 
+def test_holdout_text_names_held_out_pairs_in_words_only():
+    held = parse_holdout(HOLDOUT)
+    world = ShapesWorld(seed=1, holdout=HOLDOUT, split="train", holdout_text=True)
+    named = 0
+    for doc in docs(world, 600):
+        assert not any(scene.pairs & held for scene in doc.meta["scenes"])  # never in a picture
+        if doc.task == "text":
+            named += bool(doc.meta["scene"].pairs & held)
+    assert named > 0  # but in words
+    plain = ShapesWorld(seed=1, holdout=HOLDOUT, split="train")
+    assert not any(d.task == "text" and d.meta["scene"].pairs & held for d in docs(plain, 600))
+
+
 def test_reproducible_from_the_seed():
     def fingerprint(world):
         out = []
@@ -214,8 +227,8 @@ def test_story_format():
         scenes, texts = doc.meta["scenes"], [t.text for t in doc.texts]
         assert len(scenes) == n and len(doc.meta["edits"]) == n - 1
         assert texts[0] == caption(scenes[0]) + "."
-        for text, edit, before, after in zip(texts[1:], doc.meta["edits"], scenes, scenes[1:]):
-            assert text == f"then {edit}."
+        for k, (text, edit, before, after) in enumerate(zip(texts[1:], doc.meta["edits"], scenes, scenes[1:])):
+            assert text == f"{'finally' if k == n - 2 else 'then'} {edit}."  # the last edit announces the end
             assert apply_edit(before, edit) == after
     assert lengths == {2, 3, 4}
 

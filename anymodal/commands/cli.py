@@ -94,6 +94,8 @@ def _text_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size, specials included")
     p.add_argument("--documents", type=int, default=20000, help="number of documents to read")
     p.add_argument("--seed", type=int, default=0, help="seed of the source")
+    p.add_argument("--lowercase", action="store_true",
+                   help="lower-case text before splitting it (for a lower-case corpus such as the shapes world's)")
 
 
 def cmd_text_tokenizer(ns: argparse.Namespace) -> None:
@@ -104,7 +106,7 @@ def cmd_text_tokenizer(ns: argparse.Namespace) -> None:
 
     source = build_source(ns.source, seed=ns.seed)
     texts = (s.text for d in itertools.islice(iter(source), ns.documents) for s in d.segments if isinstance(s, Text))
-    tok = train_text_tokenizer(texts, vocab_size=ns.vocab_size)
+    tok = train_text_tokenizer(texts, vocab_size=ns.vocab_size, lowercase=ns.lowercase)
     tok.save(ns.out)
     print(f"wrote {ns.out}: {len(tok)} ids (specials {tok.special_ids})")
 
@@ -174,8 +176,13 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     for flag in ("vqvae", "vae", "chameleon", "transfusion"):
         p.add_argument(f"--{flag}-steps", type=int, default=None, help=f"training steps of the {flag} (default: recipe)")
     p.add_argument("--vqvae-precision", default=d.vqvae_precision,
-                   help="precision of the VQ-VAE's training: auto (bf16-mixed on AMX CPUs and CUDA, else the "
-                        "recipe's 32-true), or any Lightning precision")
+                   help="precision of the VQ-VAE's training: auto (bf16-mixed where bfloat16 convolutions measure "
+                        "faster here, and on CUDA; else the recipe's 32-true), or any Lightning precision")
+    p.add_argument("--model-precision", default=d.model_precision,
+                   help="precision of both unified models: auto (bf16-mixed where bfloat16 matmuls measure faster "
+                        "here, and on CUDA; else the recipe's 32-true), or any Lightning precision")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="train the unified models eagerly (default: torch.compile their decoder)")
     p.add_argument("--model-size", "--size", default=d.model_size,
                    help="named decoder size of both unified models (anymodal.config.SIZES; default: the recipes')")
     p.add_argument("--n", type=int, default=d.n, help="evaluation documents per task")
@@ -186,7 +193,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(ns: argparse.Namespace) -> None:
     run_demo(DemoSettings(out=ns.out, vqvae_steps=ns.vqvae_steps, vae_steps=ns.vae_steps,
-                          vqvae_precision=ns.vqvae_precision,
+                          vqvae_precision=ns.vqvae_precision, model_precision=ns.model_precision, compile=ns.compile,
                           chameleon_steps=ns.chameleon_steps, transfusion_steps=ns.transfusion_steps,
                           model_size=ns.model_size, n=ns.n, tokenizer_eval_images=ns.tokenizer_eval_images,
                           steps=ns.steps))

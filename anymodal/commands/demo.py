@@ -37,8 +37,14 @@ class DemoSettings:
     vae_steps: int | None = None
     """Training steps of the VAE (None: its recipe's)."""
     vqvae_precision: str = "auto"
-    """Lightning precision of the VQ-VAE's training; `auto`: bf16-mixed where the CPU has native
-    bfloat16 units (AMX; 1.6x faster there, same PSNR) or on CUDA, else the recipe's 32-true (anymodal.hardware)."""
+    """Lightning precision of the VQ-VAE's training; `auto`: bf16-mixed where this machine measures bfloat16
+    convolutions faster (an AMX Xeon: 1.6x, same PSNR; not an AMD Zen 5) or on CUDA, else the recipe's 32-true
+    (anymodal.hardware.resolve_precision)."""
+    model_precision: str = "auto"
+    """Lightning precision of both unified models; `auto`: bf16-mixed where this machine measures bfloat16
+    matmuls faster (AMX or AVX512-BF16: 1.2-1.4x per step, benchmarks/levers.py), else the recipe's 32-true."""
+    compile: bool = True
+    """torch.compile the decoder of training steps (UnifiedSystem's `compile`: 1.07-1.18x, with bf16 1.4-1.55x)."""
     chameleon_steps: int | None = None
     """Training steps of the discrete-path model (None: its recipe's)."""
     transfusion_steps: int | None = None
@@ -93,7 +99,8 @@ def run_demo(s: DemoSettings) -> Path:
         return time.perf_counter()
 
     tokenizer_stages = (
-        ("shapes-vqvae", root / "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps, resolve_precision(s.vqvae_precision)),
+        ("shapes-vqvae", root / "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps,
+         resolve_precision(s.vqvae_precision, "conv")),
         ("shapes-vae", root / "recipes/tokenizers/vae-shapes.yaml", s.vae_steps, None))
     for name, recipe, steps, precision in tokenizer_stages:
         t0 = stage(f"image tokenizer {name}" + (f" ({precision})" if precision else ""))
@@ -108,17 +115,19 @@ def run_demo(s: DemoSettings) -> Path:
         timings[f"train {name}"] = time.perf_counter() - t0
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in tok_metrics[name].items()})
 
-    results = {}
+    results, typed = {}, {}
+    model_precision = resolve_precision(s.model_precision)
     for name, recipe, tok, steps in (
             ("transfusion", root / "recipes/models/transfusion-shapes.yaml", "shapes-vae", s.transfusion_steps),
             ("chameleon", root / "recipes/models/chameleon-shapes.yaml", "shapes-vqvae", s.chameleon_steps)):
-        t0 = stage(f"unified model: {name}")
+        t0 = stage(f"unified model: {name}" + (f" ({model_precision})" if model_precision else ""))
         run_dir = out / "runs" / name
         _fit(["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
               "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
               "--model.init_args.image_tokenizer", str(out / "tokenizers" / tok),
               "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
-              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.model_size)],
+              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.model_size),
+              *_override("trainer.precision", model_precision), "--model.init_args.compile", str(s.compile).lower()],
              final=run_dir / "final.ckpt")
         export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
         timings[f"train {name}"] = time.perf_counter() - t0
@@ -126,15 +135,19 @@ def run_demo(s: DemoSettings) -> Path:
         bundle = load_bundle(out / name)
         settings = BenchSettings(n=s.n, seed=s.seed, sampling=ImageSampling(steps=s.steps))
         results[name] = run_shapes_bench(Pipeline(bundle), settings, HOLDOUT)
-        timings[f"evaluate {name}"] = time.perf_counter() - t0
         print_scores(results[name], f"{name} ({bundle.image_path} path)")
+        typed[name] = run_shapes_bench(Pipeline(bundle), BenchSettings(  # the first half of the same scenes
+            n=max(1, s.n // 2), seed=s.seed, sampling=ImageSampling(steps=s.steps), story_n=20,
+            tasks=("t2i", "edit", "vqa", "story"), typed=True), HOLDOUT, keep_samples=0)
+        timings[f"evaluate {name}"] = time.perf_counter() - t0
+        print_scores(typed[name], f"{name}, prompts as people type them")
         (out / f"{name}-scores.json").write_text(json.dumps(
-            {"scores": results[name].scores, "settings": results[name].settings, "seconds": results[name].seconds},
-            indent=2, default=float))
+            {"scores": results[name].scores, "settings": results[name].settings, "seconds": results[name].seconds,
+             "typed_scores": typed[name].scores}, indent=2, default=float))
 
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
-    report = write_report(out / "report.html", results, tok_metrics, grids, timings, machine)
+    report = write_report(out / "report.html", results, tok_metrics, grids, timings, machine, typed)
     write_overview(out / "overview.png", results)
     (out / "tokenizer-metrics.json").write_text(json.dumps(tok_metrics, indent=2, default=float))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))

@@ -114,6 +114,8 @@ def add_eval_shapes_parser(which: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--tasks", nargs="+", default=None, help=f"subset of {' '.join(TASKS)}")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--typed", action="store_true",
+                   help="prompts as people type them: other casing, extra spaces, a final period dropped or added")
     _image_sampling_args(p, edits=True, batch_size=bench.batch_size)
 
 
@@ -244,7 +246,8 @@ def run_eval_shapes(ns: argparse.Namespace):
     bad = sorted(set(tasks) - set(TASKS))
     if bad:
         raise ValueError(f"unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
-    settings = BenchSettings(n=ns.n, seed=ns.seed, sampling=image_sampling(ns), batch_size=ns.batch_size, tasks=tasks)
+    settings = BenchSettings(n=ns.n, seed=ns.seed, sampling=image_sampling(ns), batch_size=ns.batch_size, tasks=tasks,
+                             typed=ns.typed)
     holdout = bundle.meta.get("holdout") or []
     with progress_bar() as bar:
         ids: dict[str, int] = {}

@@ -354,6 +354,9 @@ class ShapesWorld(Source):
         split: "train" never shows a held-out pair; "heldout" shows one in every scene; "all" anything.
         max_objects: Most objects per scene (1..3).
         length: Documents per epoch over all workers (None: endless).
+        holdout_text: Text-only documents of the train split may name held-out pairs: they show no image, so the
+            pairs stay unseen as pictures but are known as words (without it a caption of an unseen pair must
+            produce a phrase the model never read).
     """
 
     def __init__(
@@ -365,6 +368,7 @@ class ShapesWorld(Source):
         split: str = "train",
         max_objects: int = MAX_OBJECTS,
         length: int | None = None,
+        holdout_text: bool = False,
     ) -> None:
         super().__init__(seed=seed, length=length)
         if size < MIN_SIZE:
@@ -379,6 +383,7 @@ class ShapesWorld(Source):
         self.max_objects = max_objects
         self.split = split
         self.holdout = parse_holdout(holdout)
+        self.holdout_text = holdout_text
         if split == "heldout" and not self.holdout:
             raise ValueError("split='heldout' needs a non-empty holdout list such as ['red circle']")
         if split == "train" and len(PAIRS) - len(self.holdout) < max_objects:
@@ -428,7 +433,10 @@ class ShapesWorld(Source):
         """One document of `task` drawn with `rng`."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        scene = self.scene(rng)
+        if task == "text" and self.holdout_text and self.split == "train":  # words only: every pair may appear
+            scene = random_scene(rng, self.max_objects, self.holdout, "all")
+        else:
+            scene = self.scene(rng)
         meta: dict = {}
         if task == "t2i":
             segments = [Text(caption(scene)), self.image(scene, rng)]
@@ -453,9 +461,10 @@ class ShapesWorld(Source):
             n_images = int(rng.integers(2, 5))
             segments = [Text(caption(scene) + "."), self.image(scene, rng)]
             scenes, edits = [scene], []
-            for _ in range(n_images - 1):
+            for k in range(n_images - 1):  # the last edit says so: the story ends after its image
                 instruction, scene = self.edit(scene, rng)
-                segments += [Text("then " + instruction + "."), self.image(scene, rng)]
+                word = "finally" if k == n_images - 2 else "then"
+                segments += [Text(f"{word} {instruction}."), self.image(scene, rng)]
                 scenes.append(scene)
                 edits.append(instruction)
             meta["edits"] = edits

@@ -81,15 +81,32 @@ img{image-rendering:pixelated;border:1px solid #ddd}.cards{display:flex;flex-wra
 .story{display:flex;flex-wrap:wrap;align-items:center;gap:.3em}.story p{width:100%}"""
 
 
+def typed_table(results: dict[str, Any], typed: dict[str, Any]) -> str:
+    """Rows: the metrics of prompted tasks; columns: each path's seen scores with canonical and typed prompts."""
+    head = "".join(f"<th>{html.escape(p)} canonical</th><th>{html.escape(p)} typed</th>" for p in typed)
+    rows = []
+    for m in ("t2i_exact", "edit_exact", "vqa_acc", "story_exact"):
+        cells = "".join(f"<td>{_fmt(results[p].scores['seen'].get(m))}</td><td>{_fmt(t.scores['seen'].get(m))}</td>"
+                        for p, t in typed.items())
+        rows.append(f"<tr><th>{m}</th>{cells}</tr>")
+    return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+
+
 def write_report(path: str | Path, results: dict[str, Any], tokenizers: dict[str, dict[str, Any]],
-                 grids: dict[str, Path], timings: dict[str, float], machine: str) -> Path:
-    """report.html with the metric table, tokenizer metrics and grids, and samples of every task per path."""
+                 grids: dict[str, Path], timings: dict[str, float], machine: str,
+                 typed: dict[str, Any] | None = None) -> Path:
+    """report.html with the metric table, tokenizer metrics and grids, and samples of every task per path;
+    `typed`: each path's scores with prompts as people type them (`BenchSettings.typed`)."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>anymodal demo</title><style>{STYLE}</style>",
              "<h1>anymodal demo: the shapes world</h1>",
              f"<p>Trained and evaluated by <code>make demo</code> on {html.escape(machine)}. "
              "Scores come from the shapes-world checker (exact by construction) on scenes the models never saw "
              "during training; held-out rows use (color, shape) pairs withheld from training.</p>",
              "<h2>Metrics</h2>", metric_table(results)]
+    if typed:
+        parts += ["<h2>Prompts as people type them</h2><p>The same tasks with every prompt, instruction and question "
+                  "in other casing, with extra spaces, or a final period dropped or added (seen compositions).</p>",
+                  typed_table(results, typed)]
     if timings:
         parts.append("<h2>Time</h2><table>" + "".join(
             f"<tr><th>{html.escape(k)}</th><td>{v:.0f} s</td></tr>" for k, v in timings.items()) + "</table>")

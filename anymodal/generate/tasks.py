@@ -26,6 +26,19 @@ from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling
 Progress = Callable[[int], None] | None
 
 
+def clean_text(text: str) -> str:
+    """Text as typed -> as trained: surrounding whitespace dropped, runs of whitespace made one space.
+    (Casing is the text tokenizer's: one trained with `--lowercase` reads any casing.)"""
+    return " ".join(text.split())
+
+
+def as_sentence(text: str) -> str:
+    """`clean_text`, ending in a period unless it ends in sentence punctuation: a story's text pieces are
+    sentences, and without it a story prompt reads as a text-to-image prompt (one image, then no story)."""
+    text = clean_text(text)
+    return text if not text or text.endswith((".", "!", "?")) else text + "."
+
+
 @dataclass
 class StoryStep:
     """One piece of a generated story: text, or an image (H, W, 3) uint8."""
@@ -93,7 +106,7 @@ class Pipeline:
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
 
         def run(lo, hi):
-            cond = [self.prompt([Text(p)], "t2i") for p in prompts[lo:hi]]
+            cond = [self.prompt([Text(clean_text(p))], "t2i") for p in prompts[lo:hi]]
             uncond = [self.prompt([], "t2i") for _ in cond]
             eng = self.engine()
             eng.start(cond + uncond, branches=2)
@@ -113,7 +126,7 @@ class Pipeline:
 
         def run(lo, hi):
             src = [self.encode_image(im) for im in images[lo:hi]]
-            ins = [Text(t) for t in instructions[lo:hi]]
+            ins = [Text(clean_text(t)) for t in instructions[lo:hi]]
             full = [self.prompt([s, t], "edit") for s, t in zip(src, ins)]
             no_text = [self.prompt([s], "edit") for s in src]
             no_image = [self.prompt([t], "edit") for t in ins]
@@ -149,19 +162,21 @@ class Pipeline:
         sampling = sampling or TextSampling()
         seeds = list(range(len(images))) if seeds is None else list(seeds)
         return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
-            [self.prompt([self.encode_image(im), Text(q)], "vqa") for im, q in zip(images[lo:hi], questions[lo:hi])],
+            [self.prompt([self.encode_image(im), Text(clean_text(q))], "vqa") for im, q in zip(images[lo:hi], questions[lo:hi])],
             sampling, seeds[lo:hi]), progress)
 
     def story(self, prompt: str, seed: int = 0, max_images: int = 4, sampling: ImageSampling | None = None,
               text_sampling: TextSampling | None = None, on_step: StepCallback = None,
               on_piece: Callable[[StoryStep], None] | None = None) -> list[StoryStep]:
-        """Free interleaved generation: the model writes text, opens images with `<boi>`, stops at `<eos>`.
+        """Free interleaved generation: the model writes text, opens images with `<boi>`, stops at `<eos>`
+        (or after `max_images` images, with no text after the last one).
 
-        The prompt's text comes first; guidance runs against the same story without the prompt.
+        The prompt's text comes first (`as_sentence`); guidance runs against the same story without the prompt.
         `on_piece(step)` is called with each piece as soon as it exists (to stream a story into a page).
         """
         sampling = sampling or ImageSampling()
         text_sampling = text_sampling or TextSampling()
+        prompt = as_sentence(prompt)
         gens = self.generators([seed])
         eng = self.engine()
         eng.start([self.prompt([Text(prompt)], "story"), self.prompt([], "story")], branches=2)
@@ -179,10 +194,12 @@ class Pipeline:
             body = [i for i in ids if i not in (self.bundle.text.boi_id, self.bundle.text.eos_id)]
             if body:
                 add(StoryStep(text=self.bundle.text.decode(body).strip()))
-            if not ids or ids[-1] != self.bundle.text.boi_id or images >= max_images:
+            if not ids or ids[-1] != self.bundle.text.boi_id:
                 break
             # the sampled <boi> ended the text without entering the cache; generate_image feeds it
             out = eng.generate_image(sampling, [sampling.guidance], gens, on_step)
             add(StoryStep(image=self.decode_images(out)[0]))
             images += 1
+            if images >= max_images:  # no text after the last image: it would be an instruction never drawn
+                break
         return steps

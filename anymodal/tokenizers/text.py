@@ -72,12 +72,17 @@ def _known(hf_tokenizer, token: str) -> bool:
     return i is not None and (i != hf_tokenizer.unk_token_id or token == hf_tokenizer.unk_token)
 
 
-def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2) -> TextTokenizer:
-    """Train a byte-level BPE on `texts`; the specials take the first ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2,
+                         lowercase: bool = False) -> TextTokenizer:
+    """Train a byte-level BPE on `texts`; the specials take the first ids. With `lowercase`, text is lower-cased
+    before it is split (a `Lowercase` normalizer, saved with the tokenizer): for a lower-case corpus, so that
+    text typed in other casing reads as the words the model learned."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
