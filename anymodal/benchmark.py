@@ -34,11 +34,12 @@ _EDITS = [
 
 
 def typed(text: str, i: int) -> str:
-    """`text` as the i-th person types it: one of four habits (capitalised and the final period toggled,
-    all capitals, doubled and surrounding spaces, title case without a final period)."""
-    toggled = text[:-1] if text.endswith(".") else text + "."
+    """`text` as the i-th person types it: one of four habits (capitalised, with the final period or question
+    mark dropped or a period added where there is none; all capitals; doubled and surrounding spaces; title case
+    without a final period)."""
     habit = i % 4
     if habit == 0:
+        toggled = text[:-1] if text.endswith((".", "?")) else text + "."
         return toggled[:1].upper() + toggled[1:]
     if habit == 1:
         return text.upper()

@@ -193,7 +193,7 @@ class Anymodal:
         self.system.configure_model()
         self.model, self.vae, self.settings = self.system.model, vae, settings
         self.counter = PositionCounter()
-        self.model.register_forward_pre_hook(self.counter)
+        self.model.decoder.register_forward_pre_hook(self.counter)  # the training step calls the decoder
 
     @property
     def encoder(self):

@@ -8,7 +8,7 @@ HERE = Path(__file__).resolve().parent
 
 if __name__ == "__main__":
     failed = []
-    for script in ("train_throughput.py", "sampling.py", "tokenizer_norm.py", "encode_throughput.py",
+    for script in ("train_throughput.py", "levers.py", "sampling.py", "tokenizer_norm.py", "encode_throughput.py",
                    "distributed_memory.py"):
         print(f"== {script}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script), *sys.argv[1:]]).returncode:

@@ -148,7 +148,7 @@ def test_generate_refuses_a_sampler_of_another_objective_in_one_line(continuous,
 def test_prompts_as_people_type_them_read_as_the_canonical_text(continuous):
     """Casing (the shapes tokenizer lower-cases), spaces and a story's missing final period change nothing."""
     from anymodal.benchmark import typed
-    from anymodal.generate.tasks import as_sentence, clean_text
+    from anymodal.generate.tasks import as_question, as_sentence, clean_text
 
     pipe = Pipeline(continuous)
     canonical = "a red circle at the top left and a blue square at the center"
@@ -161,6 +161,11 @@ def test_prompts_as_people_type_them_read_as_the_canonical_text(continuous):
                               pipe.text_to_image([canonical], [0], sampling)[0])
     assert as_sentence(" a red circle ") == as_sentence("a red circle.") == "a red circle."
     assert as_sentence("is it red?") == "is it red?"
+    assert as_question(" What color is the triangle ") == "What color is the triangle?"
+    assert as_question("what color is the triangle.") == as_question("what color is the triangle?")
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    questions = ["what color is the triangle?", "WHAT COLOR IS THE TRIANGLE", "What  color is the triangle."]
+    assert len(set(pipe.answer([image] * 3, questions, TextSampling(max_new_tokens=4)))) == 1
     text = TextSampling(max_new_tokens=4)
     story = [s.text for s in pipe.story("A red circle", max_images=1, sampling=sampling, text_sampling=text)]
     assert story[0] == "A red circle."  # the prompt as the story shows it; what follows reads it lower-cased

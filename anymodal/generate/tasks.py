@@ -39,6 +39,13 @@ def as_sentence(text: str) -> str:
     return text if not text or text.endswith((".", "!", "?")) else text + "."
 
 
+def as_question(text: str) -> str:
+    """`clean_text`, ending in a question mark (a final period becomes one): questions are asked with it, and
+    without it the model is still reading the question when it should answer."""
+    text = clean_text(text)
+    return text if not text or text.endswith("?") else text.rstrip(".") + "?"
+
+
 @dataclass
 class StoryStep:
     """One piece of a generated story: text, or an image (H, W, 3) uint8."""
@@ -156,13 +163,13 @@ class Pipeline:
 
     def answer(self, images: Sequence[torch.Tensor], questions: Sequence[str], sampling: TextSampling | None = None,
                batch_size: int = 32, seeds: Sequence[int] | None = None, progress: Progress = None) -> list[str]:
-        """An answer per (image, question)."""
+        """An answer per (image, question) (`as_question`)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions; give one per image")
         sampling = sampling or TextSampling()
         seeds = list(range(len(images))) if seeds is None else list(seeds)
         return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
-            [self.prompt([self.encode_image(im), Text(clean_text(q))], "vqa") for im, q in zip(images[lo:hi], questions[lo:hi])],
+            [self.prompt([self.encode_image(im), Text(as_question(q))], "vqa") for im, q in zip(images[lo:hi], questions[lo:hi])],
             sampling, seeds[lo:hi]), progress)
 
     def story(self, prompt: str, seed: int = 0, max_images: int = 4, sampling: ImageSampling | None = None,
