@@ -185,7 +185,7 @@ def test_resumed_fit_on_shards_with_workers_repeats_the_uninterrupted_run(shards
     def fit(ckpt_path=None):
         torch.manual_seed(0)
         system = make_system("continuous", ema_decay=0.9, pre_encoded=True)
-        data = UnifiedDataModule([EncodedShards(shards, shuffle=True)], seq_len=96, batch_size=2, num_workers=2)
+        data = UnifiedDataModule([EncodedShards(shards, shuffle=True)], seq_len=256, batch_size=2, num_workers=2)
         recorder = Losses()
         callbacks = [recorder] if ckpt_path else [recorder, ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3,
                                                                              save_top_k=-1)]
@@ -214,7 +214,7 @@ def encoded_fit_args(tokenizer_dirs, root: Path, shards: Path, image_tokenizer: 
             "--trainer.logger.init_args.save_dir", str(root), "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--data.init_args.batch_size", "2",
-            "--data.init_args.seq_len", "96", "--data.init_args.num_workers", "0", "--data.init_args.sources", source,
+            "--data.init_args.seq_len", "256", "--data.init_args.num_workers", "0", "--data.init_args.sources", source,
             "--data.init_args.val_sources=null"]
 
 

@@ -182,7 +182,7 @@ def fit(env: Env, *extra: str) -> list[str]:
             "--trainer.logger.init_args.save_dir", str(env.tmp / "run"), "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--data.init_args.batch_size", "1", "--data.init_args.seq_len", "96", *extra]
+            "--data.init_args.batch_size", "1", "--data.init_args.seq_len", "256", *extra]
 
 
 def fit_on(env: Env, source: dict) -> list[str]:
@@ -565,7 +565,7 @@ def test_a_non_finite_step_is_skipped_counted_and_costs_exactly_that_step(make_s
                       log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[Poison(2, what), snaps], limit_val_batches=0,
                       num_sanity_val_steps=0, default_root_dir=tmp_path)
-    trainer.fit(system, datamodule=UnifiedDataModule([ShapesWorld(size=32, seed=0)], seq_len=96, batch_size=2))
+    trainer.fit(system, datamodule=UnifiedDataModule([ShapesWorld(size=32, seed=0)], seq_len=256, batch_size=2))
     s = snaps.states
     assert len(s) == 4 and trainer.global_step == 4  # the step counts (schedule, data, noise move on)
     # step 2 changed nothing: weights, EMA, optimizer moments and step counts are those after step 1
@@ -662,7 +662,7 @@ def test_sigint_finishes_the_step_saves_and_stops(make_system, tmp_path):
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[Interrupt(2), StopOnSignal()])
     with pytest.raises(SystemExit) as exit_:
-        trainer.fit(system, datamodule=UnifiedDataModule([ShapesWorld(size=32, seed=0)], seq_len=96, batch_size=2))
+        trainer.fit(system, datamodule=UnifiedDataModule([ShapesWorld(size=32, seed=0)], seq_len=256, batch_size=2))
     assert exit_.value.code == 128 + signal.SIGINT
     saved = torch.load(tmp_path / "interrupted.ckpt", weights_only=True)
     assert saved["global_step"] == 2

@@ -109,18 +109,20 @@ def test_story_images_get_a_hidden_noised_copy_and_a_clean_copy(text, world):
     story = next(d for d in documents(world, ["story"] * 4) if len(d.images) >= 3)
     n = len(story.images)
     e = SequenceEncoder(text, "continuous", SLOTS, context_policy="clean_and_noised").encode(story)
-    # every image but the last is context for later tokens: noised (hidden) copy, then clean (visible) copy
-    assert len(e.spans) == 2 * (n - 1) + 1
-    assert e.noised == [True, False] * (n - 1) + [True]
-    assert e.visible == [False, True] * (n - 1) + [True]
-    for i in range(n - 1):
+    # every image is context for what follows it (the last one for <eos>, which sampling reads after the clean
+    # image): noised (hidden) copy, then clean (visible) copy
+    assert len(e.spans) == 2 * n
+    assert e.noised == [True, False] * n
+    assert e.visible == [False, True] * n
+    assert e.tokens[-2:] == [text.eoi_id, text.eos_id] and e.loss_mask[-2]  # <eos> trained after the clean copy
+    for i in range(n):
         (_, off_noised, length), (_, off_clean, _) = e.spans[2 * i], e.spans[2 * i + 1]
         assert e.images[2 * i] is e.images[2 * i + 1] is story.images[i]
         assert off_clean == off_noised + length  # adjacent, inside one frame
         assert e.tokens[off_noised - 1] == text.boi_id and e.tokens[off_clean + length] == text.eoi_id
     shared = SequenceEncoder(text, "continuous", SLOTS, context_policy="shared").encode(story)
     assert len(shared.spans) == n and shared.noised == [True] * n and shared.visible == [True] * n
-    assert len(e) - len(shared) == (n - 1) * SLOTS
+    assert len(e) - len(shared) == n * SLOTS
     # an image at the end (t2i) or only conditioning (edit source) never gets a second copy
     t2i, edit = documents(world, ["t2i", "edit"])
     assert (e := SequenceEncoder(text, "continuous", SLOTS).encode(t2i)).noised == [True] and e.visible == [True]

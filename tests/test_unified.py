@@ -30,7 +30,7 @@ from anymodal.model.unified import ContinuousInput
 RECIPES = {"continuous": ROOT / "recipes/models/transfusion-shapes.yaml",
            "discrete": ROOT / "recipes/models/chameleon-shapes.yaml"}
 CPU = ROOT / "recipes/strategy/cpu.yaml"
-SEQ_LEN = {"continuous": 96, "discrete": 160}  # a 32 px image is 16 patches, or 64 codes
+SEQ_LEN = {"continuous": 256, "discrete": 160}  # a 32 px image is 16 patches (a story: 4 x 2 copies), or 64 codes
 
 
 def cli_args(path: str, tokenizer_dirs: dict, root: Path) -> list[str]:

@@ -5,7 +5,8 @@ Continuous path: the slots are patch placeholders; the model embeds the VAE late
 
 Which images are generated (trained as targets): every image of a story, and the last image of
 t2i and edit documents. Images that only condition (caption/vqa inputs, an edit's source) are context.
-A continuous image that is both a target and context for later tokens follows `context_policy`:
+A continuous image that is both a target and context for later tokens (every story image, the last one
+included: its `<eos>` is read after it) follows `context_policy`:
 "clean_and_noised" (default: a noised copy that later tokens cannot see, then a clean copy they can)
 or "shared" (one noised copy that later tokens also see; cheaper).
 """
@@ -111,7 +112,9 @@ class SequenceEncoder:
                 predicted += [True] * len(ids)
                 continue
             is_target = next(targets) or self.train_context_images
-            has_context_after = si < len(segments) - 1
+            # a story's last image is context too: sampling decides what follows it (more text or <eos>) after
+            # its clean copy, so training must predict <eos> there, not after the noised copy
+            has_context_after = si < len(segments) - 1 or (add_eos and doc.task == "story")
             out.tokens.append(t.boi_id)
             predicted.append(True)
             if self.image_path == "discrete":
