@@ -141,7 +141,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
             report(done[0])
 
     bs = settings.batch_size
-    say = (lambda text, i: typed(text, i)) if settings.typed else (lambda text, i: text)
+    say = typed if settings.typed else (lambda text, i: text)
     if task == "t2i":
         prompts = [say(d.segments[0].text, i) for i, d in enumerate(docs)]
         images = pipe.text_to_image(prompts, seeds, sampling, bs, tick)

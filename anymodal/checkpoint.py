@@ -171,13 +171,7 @@ def load_bundle(folder: str | os.PathLike, device: str | torch.device = "cpu",
     except ValueError as e:
         raise BundleError(str(e)) from None
     model.eval().requires_grad_(False)
-    text = load_text_tokenizer(folder / "text_tokenizer")
-    if len(text) != config.text_vocab_size:
-        raise BundleError(f"the text tokenizer in {str(folder)!r} has {len(text)} ids but the model expects "
-                          f"{config.text_vocab_size}")
-    image_tokenizer = load_image_tokenizer(folder / "image_tokenizer")
-    image_tokenizer.eval().requires_grad_(False)
-    _check_image_tokenizer(folder, config, image_tokenizer)
+    text, image_tokenizer = _load_tokenizers(folder, folder / "text_tokenizer", config)
     objective = _read_objective(folder, doc) if config.image_path == "continuous" else None
     meta = {k: v for k, v in doc.items() if k not in ("model",)}
     return Bundle(model, text, image_tokenizer, objective, meta, str(folder)).to(device)
@@ -199,6 +193,19 @@ def _check_fingerprints(folder: Path, fingerprints: dict[str, str]) -> None:
             raise BundleError(f"{folder / name} is not the tokenizer this model was trained with (its fingerprint "
                               "differs from the one the bundle recorded); restore the bundle's own tokenizer or "
                               "export the bundle again")
+
+
+def _load_tokenizers(folder: Path, text_folder: Path, config: ModelConfig) -> tuple[TextTokenizer, Any]:
+    """The text tokenizer (from `text_folder`) and the frozen image tokenizer of the bundle in `folder`, each
+    checked against the model's config."""
+    text = load_text_tokenizer(text_folder)
+    if len(text) != config.text_vocab_size:
+        raise BundleError(f"the text tokenizer in {str(folder)!r} has {len(text)} ids but the model expects "
+                          f"{config.text_vocab_size}")
+    image_tokenizer = load_image_tokenizer(folder / "image_tokenizer")
+    image_tokenizer.eval().requires_grad_(False)
+    _check_image_tokenizer(folder, config, image_tokenizer)
+    return text, image_tokenizer
 
 
 def _check_image_tokenizer(folder: Path, config: ModelConfig, tok) -> None:
@@ -438,12 +445,6 @@ def _load_hf_export(folder: Path, device: str | torch.device, expect: str | None
     except ValueError as e:
         raise BundleError(str(e)) from None
     model.eval().requires_grad_(False)
-    text = load_text_tokenizer(folder)
-    if len(text) != config.text_vocab_size:
-        raise BundleError(f"the text tokenizer in {str(folder)!r} has {len(text)} ids but the model expects "
-                          f"{config.text_vocab_size}")
-    image_tokenizer = load_image_tokenizer(folder / "image_tokenizer")
-    image_tokenizer.eval().requires_grad_(False)
-    _check_image_tokenizer(folder, config, image_tokenizer)
+    text, image_tokenizer = _load_tokenizers(folder, folder, config)
     meta = {k: v for k, v in doc.items() if k != "model"}
     return Bundle(model, text, image_tokenizer, None, meta, str(folder)).to(device)

@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,14 +126,6 @@ def run_one(spec: dict) -> dict:
             "bf16_matmul_gflops": matmul_rate(torch.bfloat16) / 1e9}
 
 
-def spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode:
-        raise SystemExit(f"configuration {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="measured steps per configuration")
@@ -164,8 +155,8 @@ def main() -> None:
     results, started = [], time.perf_counter()
     for path in ns.paths:
         for name in levers:
-            r = spawn({"path": path, "lever": name, "steps": steps, "warmup": warmup, "threads": threads,
-                       **LEVERS[name]})
+            r = tt.spawn({"path": path, "lever": name, "steps": steps, "warmup": warmup, "threads": threads,
+                          **LEVERS[name]}, __file__)
             results.append(r)
             print(f"{path:10s} {name:24s} {r['tokens_per_s']:8.0f} tok/s {r['step_ms']:7.1f} ms/step", file=sys.stderr)
     info["load_average_after"] = list(os.getloadavg())

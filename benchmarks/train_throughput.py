@@ -193,9 +193,10 @@ def configurations(device: str) -> list[tuple[str, str, str]]:
     return runs
 
 
-def spawn(spec: dict) -> dict:
-    """Run one configuration in a fresh interpreter (its own peak memory) and return its results."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+def spawn(spec: dict, script: str = __file__) -> dict:
+    """Run one configuration in a fresh interpreter (its own peak memory) through `script --worker` and return
+    its results."""
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
         raise SystemExit(f"configuration {spec} failed:\n{proc.stderr[-3000:]}")
