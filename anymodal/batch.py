@@ -73,6 +73,23 @@ class Batch:
             out.append((r, off, length, int(self.image_index[r, c])))
         return sorted(out, key=lambda s: s[3])
 
+    def reference_index(self) -> torch.Tensor:
+        """(N_img,) int64: for each image, the index of the last image later tokens see (`visible`) before it in
+        its document, -1 where there is none: an edit's source for its result, a story's previous picture for
+        the next (a noised copy's clean twin follows it, so an image never refers to itself)."""
+        ref = torch.full((self.num_images,), -1, dtype=torch.long)
+        visible = self.visible.tolist() if self.visible is not None else [True] * self.num_images
+        for row_spans, row_index in zip(self.spans.tolist(), self.image_index.tolist()):
+            last = -1
+            for (kind, _, _), i in zip(row_spans, row_index):
+                if kind == DOCUMENT:
+                    last = -1
+                elif i >= 0:
+                    ref[i] = last
+                    if visible[i]:
+                        last = i
+        return ref
+
     def fill_codes(self, codes: torch.Tensor, code_offset: int) -> Batch:
         """Write discrete image codes (N_img, h, w) into their slots as ids `code_offset + code`."""
         tokens = self.tokens.clone()

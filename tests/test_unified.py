@@ -23,7 +23,7 @@ from anymodal.data.document import Document, Image
 from anymodal.data.packing import collate_rows, pack_rows
 from anymodal.data.shapes import ShapesWorld
 from anymodal.generate.engine import Engine
-from anymodal.layout import build_layout
+from anymodal.layout import build_layout, reference_latents
 from anymodal.masks import build_attention_mask
 from anymodal.model.unified import ContinuousInput
 
@@ -125,6 +125,31 @@ def test_one_batch_overfits(make_system, path, tasks):
     assert (out.diffusion > 0) == (path == "continuous") and (out.codes > 0) == (path == "discrete")
 
 
+def test_code_rows_can_start_from_the_codebook(make_system):
+    """code_init=codebook: code rows mirror the VQ-VAE's code similarities at the spread of a random start;
+    text rows are untouched; the continuous path refuses it in one sentence."""
+    torch.manual_seed(0)
+    random = make_system("discrete")
+    torch.manual_seed(0)
+    codebook = make_system("discrete", code_init="codebook")
+    cfg = codebook.model_config
+    rows = slice(cfg.code_offset, cfg.code_offset + cfg.codebook_size)
+    vectors = codebook.image_tokenizer.codes_to_latents(torch.arange(cfg.codebook_size).view(1, -1, 1))[0, :, :, 0].T
+    centred = vectors - vectors.mean(0)
+
+    def similarity_agreement(weight: torch.Tensor) -> float:
+        a = torch.nn.functional.normalize(centred, dim=1)
+        b = torch.nn.functional.normalize(weight[rows] - weight[rows].mean(0), dim=1)
+        return float(torch.corrcoef(torch.stack([(a @ a.T).flatten(), (b @ b.T).flatten()]))[0, 1])
+
+    for weight, baseline in zip(codebook.token_matrices(), random.token_matrices()):
+        assert similarity_agreement(weight.detach()) > 0.5 > abs(similarity_agreement(baseline.detach()))
+        assert weight[rows].std().item() == pytest.approx(baseline[rows].std().item(), rel=0.1)
+        assert torch.equal(weight[:cfg.code_offset], baseline[:cfg.code_offset])
+    with pytest.raises(ValueError, match="has no codes"):
+        make_system("continuous", code_init="codebook")
+
+
 class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -167,7 +192,8 @@ def forward(model, system, batch: Batch, timesteps: torch.Tensor | None = None):
     continuous = None
     if latents is not None:
         t = batch.noised.float() * 500.0 if timesteps is None else timesteps
-        continuous = ContinuousInput(layout.continuous_slots, latents, t)
+        references = reference_latents(latents, layout.references) if model.config.reference_input else None
+        continuous = ContinuousInput(layout.continuous_slots, latents, t, references)
     hidden = model(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
     pred = None if latents is None else model.image_prediction(hidden, layout.continuous_slots)
     return model.logits(hidden), pred
@@ -231,24 +257,54 @@ def test_with_shared_noise_later_tokens_see_the_noised_image(make_system):
     assert not torch.allclose(other[0, later], logits[0, later])
 
 
-@pytest.mark.parametrize("path", ["continuous", "discrete"])
+@pytest.mark.parametrize("path", ["continuous", "discrete", "continuous+reference"])
 def test_engine_prefill_equals_the_training_forward(make_system, path):
     """Sampling reads a prompt as training reads the same document: the engine's prefill of left-padded
-    prompts gives, at each prompt's own columns, the logits of the training forward on that prompt alone."""
-    system = make_system(path)
+    prompts gives, at each prompt's own columns, the logits of the training forward on that prompt alone
+    (with reference_input: each prompt image reads the same reference in both)."""
+    reference = path.endswith("+reference")
+    system = make_system(path.removesuffix("+reference"), **({"reference_input": True} if reference else {}))
     model = system.model.eval()
     with torch.no_grad():  # logits of order 1 (a debug model's are near 0), so a misplaced token shows
         model.lm_head.weight.normal_(std=0.2)
-    docs = encoded_documents(system, ["vqa", "t2i", "caption"])
-    # prompts: without the answer, the image, the caption; images are clean context, none noised
+        if reference:  # it starts at zero; random, a wrong reference shows
+            model.ref_in.weight.normal_(std=0.5)
+    tasks = ["vqa", "t2i", "caption"] + (["story"] if reference else [])
+    docs = encoded_documents(system, tasks)
+    # prompts: without the answer, the image, the caption, the story's last picture; images are clean context
     prompts = [system.encoder.encode_prompt(Document(d.segments[:-1], d.task)) for d in docs]
-    assert len({len(p) for p in prompts}) == 3 and [len(p.images) for p in prompts] == [1, 0, 1]
+    assert len({len(p) for p in prompts}) == len(tasks) and [len(p.images) for p in prompts][:3] == [1, 0, 1]
+    if reference:
+        assert len(prompts[3].images) >= 2  # a picture that refers to the one before it
     hidden = Engine(model, system.text, system.objective).start(prompts)  # (R, T, D), left-padded to the longest
     T = hidden.shape[1]
     for r, prompt in enumerate(prompts):  # the longest has no padding; the others do
         with torch.no_grad():
             logits, _ = forward(model, system, collate_rows([[prompt]], len(prompt), system.text.pad_id))
         torch.testing.assert_close(model.logits(hidden[r, T - len(prompt):]), logits[0], rtol=0, atol=1e-5)
+
+
+def test_each_image_refers_to_the_last_visible_image_before_it_in_its_document(make_system):
+    """Batch.reference_index: an edit's result refers to its source, a story's picture (its noised copy and
+    its clean copy alike) to the previous picture's clean copy, a first image to nothing, never across
+    documents; with reference_input exactly the images that have a reference read it."""
+    system = make_system("continuous", reference_input=True)
+    docs = encoded_documents(system, ["edit", "t2i", "story"])
+    encoded = [system.encoder.encode(d) for d in docs]
+    batch = collate_rows([encoded], sum(len(e) for e in encoded), system.text.pad_id)
+    n = len(docs[2].images)
+    # edit: source (clean context), result; t2i: its image; story: a noised and a clean copy of every picture
+    assert batch.noised.tolist() == [False, True, True] + [True, False] * n
+    clean = [4 + 2 * k for k in range(n)]  # the story's clean copies
+    assert batch.reference_index().tolist() == [-1, 0, -1, -1, -1] + [c for c in clean[:-1] for _ in (0, 1)]
+    with torch.no_grad():
+        system.model.eval().ref_in.weight.normal_(std=0.5)
+        system.model.patch_out.weight.normal_(std=0.5)  # it starts at zero: every prediction would be 0
+        _, pred = forward(system.model, system, batch)
+        system.model.ref_in.weight.zero_()
+        _, silent = forward(system.model, system, batch)
+    read = [i for i in range(batch.num_images) if not torch.allclose(pred[i], silent[i], atol=1e-6)]
+    assert read == [1] + list(range(5, 3 + 2 * n))
 
 
 @pytest.fixture

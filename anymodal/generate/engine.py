@@ -177,6 +177,7 @@ class Engine:
                 slots=slot_indices(rows, starts, window, self.config.slots),  # (N, L)
                 latents=torch.stack([im.latents for im in images]),
                 timesteps=torch.tensor([im.timestep for im in images], device=self.device, dtype=torch.float),
+                references=self._references(images) if self.config.reference_input else None,
             )
         mask = self._mask() if mask is None else mask
         h = self.model.embed(self.ids[:, lo:], continuous)  # (R, window, D)
@@ -185,6 +186,15 @@ class Engine:
         if write:
             self.length = T
         return hidden[:, -n_new:]
+
+    def _references(self, images: list[_Continuous]) -> torch.Tensor:
+        """(N, C, h, w): the clean latents of the image before each of `images` in its row (the prompt's images
+        and those generated so far, in or out of the window), zeros where there is none, as training gives."""
+        out = []
+        for im in images:
+            before = [p for p in self.images if p.row == im.row and p.start < im.start]
+            out.append(max(before, key=lambda p: p.start).latents if before else torch.zeros_like(im.latents))
+        return torch.stack(out)
 
     def _feed(self, ids: torch.Tensor) -> None:
         """Append ids (R, n) and run them into the cache."""

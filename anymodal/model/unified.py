@@ -41,6 +41,9 @@ class ModelConfig:
     """Side of the image's code grid (discrete) or latent grid (continuous)."""
     patch_size: int = 2
     """Side of a latent patch (continuous path); grid must be divisible by it."""
+    reference_input: bool = False
+    """Continuous path: each image's patches also read the patches of the image before it in the document (an
+    edit's source, a story's previous picture) at the same slot, through their own projection (`ref_in`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):
@@ -49,6 +52,9 @@ class ModelConfig:
             raise ValueError(f"image_path={self.image_path!r} must be 'discrete' or 'continuous'")
         if self.image_path == "discrete" and self.codebook_size <= 0:
             raise ValueError("the discrete path needs codebook_size > 0 (the image tokenizer's codebook)")
+        if self.reference_input and self.image_path != "continuous":
+            raise ValueError("reference_input belongs to the continuous path (latent patches); the discrete path "
+                             "reads earlier images through attention only")
         if self.image_path == "continuous" and self.grid % self.patch_size:
             raise ValueError(f"latent grid={self.grid} must be divisible by patch_size={self.patch_size}")
 
@@ -82,7 +88,7 @@ class ModelConfig:
 
 
 def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, image_size: int,
-                       patch_size: int = 2) -> ModelConfig:
+                       patch_size: int = 2, reference_input: bool = False) -> ModelConfig:
     """The unified model over `image_tokenizer` (a VQ-VAE: discrete path; a VAE: continuous) at `image_size` px.
 
     The grid comes from the tokenizer, so the image size is stated once; a size it cannot tile is refused."""
@@ -93,21 +99,25 @@ def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, 
         return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="discrete",
                            codebook_size=image_tokenizer.codebook_size, grid=grid)
     return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="continuous",
-                       latent_channels=image_tokenizer.latent_channels, grid=grid, patch_size=patch_size)
+                       latent_channels=image_tokenizer.latent_channels, grid=grid, patch_size=patch_size,
+                       reference_input=reference_input)
 
 
 @dataclass
 class ContinuousInput:
     """Continuous images entering one forward pass.
 
-    slots:     (N, L) int64 flat indices into the (B*T) positions of the pass, one per patch
-    latents:   (N, C, h, w) latents (noised or clean)
-    timesteps: (N,) float, 0 for clean images
+    slots:      (N, L) int64 flat indices into the (B*T) positions of the pass, one per patch
+    latents:    (N, C, h, w) latents (noised or clean)
+    timesteps:  (N,) float, 0 for clean images
+    references: (N, C, h, w) clean latents of the image before each one in its document, zeros where there is
+                none; read only by a model with `reference_input`
     """
 
     slots: torch.Tensor
     latents: torch.Tensor
     timesteps: torch.Tensor
+    references: torch.Tensor | None = None
 
 
 class UnifiedModel(nn.Module):
@@ -131,6 +141,9 @@ class UnifiedModel(nn.Module):
             self.time_embed = TimestepEmbedder(arch.dim, time_scale=1.0)  # timesteps arrive in [0, 1000]
             self.patch_out = nn.Linear(arch.dim, config.patch_dim)
             self.patch_out.apply(lambda module: (nn.init.zeros_(module.weight), nn.init.zeros_(module.bias)))
+            if config.reference_input:  # starts silent: a reference adds nothing until training finds it useful
+                self.ref_in = nn.Linear(config.patch_dim, arch.dim, bias=False)
+                self.ref_in.apply(lambda module: nn.init.zeros_(module.weight))
 
     def embed(self, tokens: torch.Tensor, continuous: ContinuousInput | None = None) -> torch.Tensor:
         """Input embeddings (B, T, D): token embeddings, with continuous patches written into their slots."""
@@ -144,6 +157,11 @@ class UnifiedModel(nn.Module):
         patches = patchify(continuous.latents.to(h.dtype), p)  # (N, L, C*p*p)
         t = self.time_embed(continuous.timesteps.float()).to(h.dtype)  # (N, D)
         x = self.patch_in(patches) + t[:, None, :] + self.patch_pos[None]  # (N, L, D)
+        if self.config.reference_input:
+            if continuous.references is None:
+                raise ValueError("this model reads each image's reference (reference_input); pass "
+                                 "ContinuousInput.references (zeros where an image has none)")
+            x = x + self.ref_in(patchify(continuous.references.to(h.dtype), p))  # same slot, same place
         return h.reshape(B * T, D).index_copy(0, continuous.slots.reshape(-1), x.reshape(-1, D)).view(B, T, D)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,

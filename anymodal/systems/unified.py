@@ -21,7 +21,7 @@ from anymodal.config import SIZES, ArchConfig
 from anymodal.data.sequence import SequenceEncoder
 from anymodal.diffusion.schedule import build_objective
 from anymodal.flops import TokenFlops, training_flops_per_token
-from anymodal.layout import build_layout
+from anymodal.layout import build_layout, reference_latents
 from anymodal.losses import Losses, combine, diffusion_loss, token_losses, trained_positions
 from anymodal.masks import build_attention_mask
 from anymodal.model.hf import init_from_lm, read_lm_arch
@@ -47,7 +47,9 @@ class UnifiedSystem(LightningModule):
         objective: Literal["flow", "ddpm"] = "flow",
         diffusion_weight: float = 5.0,
         code_weight: float = 1.0,
+        code_init: Literal["random", "codebook"] = "random",
         context_policy: Literal["clean_and_noised", "shared"] = "clean_and_noised",
+        reference_input: bool = False,
         lr: float = 1e-3,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
@@ -82,7 +84,14 @@ class UnifiedSystem(LightningModule):
             objective: diffusion objective of the continuous path: flow (velocity) or ddpm (noise).
             diffusion_weight: lambda in CE + lambda * diffusion MSE (Transfusion used 5).
             code_weight: weight of the image-code cross-entropy relative to text (discrete path).
+            code_init: how the image-code rows of the embedding and the LM head start (discrete path): `random`
+                like every row, or `codebook`: the VQ-VAE's code vectors through one fixed random projection to
+                the model's width, scaled to the rows' own spread, so codes that look alike start alike.
             context_policy: a continuous image that is both a target and context: clean_and_noised or shared.
+            reference_input: continuous path: each image's patches also read, through their own projection, the
+                clean patches of the image before it in the document at the same slot (an edit's source, a
+                story's previous picture), so what an edit keeps is copied in place rather than found by
+                attention. Off: the Transfusion model as published.
             lr: peak learning rate of AdamW.
             min_lr_ratio: final learning rate of the cosine decay, as a fraction of lr.
             warmup_steps: linear warm-up steps.
@@ -100,6 +109,8 @@ class UnifiedSystem(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        if code_init not in ("random", "codebook"):
+            raise ValueError(f"code_init={code_init!r} must be 'random' or 'codebook'")
         if init_from is None and (freeze_text or new_rows_lr is not None):
             raise ValueError("freeze_text and new_rows_lr need init_from (a pretrained LM whose weights they keep apart)")
         if init_from is not None and text_tokenizer not in (None, init_from):
@@ -117,6 +128,9 @@ class UnifiedSystem(LightningModule):
         if self.image_tokenizer is not None:
             self.image_tokenizer.requires_grad_(False).eval()
         self.discrete = self.image_spec.kind == "vqvae"
+        if code_init == "codebook" and not self.discrete:
+            raise ValueError(f"code_init=codebook starts the image-code rows from a VQ-VAE's codebook; "
+                             f"{image_tokenizer} is a {self.image_spec.kind}, which has no codes (use code_init=random)")
         self.objective = build_objective(objective)
         self.model_config = self._model_config()
         self.encoder = SequenceEncoder(self.text, self.model_config.image_path, self.model_config.slots, context_policy)
@@ -137,14 +151,16 @@ class UnifiedSystem(LightningModule):
             rank_zero_info(f"starting from the LM in {hp.init_from} (its shape, not size's): dim {arch.dim}, "
                            f"{arch.n_layers} layers, {arch.n_heads} heads; its tokenizer gains "
                            f"{', '.join(self.text.added) or 'nothing'}")
-            return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size)
+            return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size,
+                                      hp.reference_input)
         arch = ArchConfig.from_name(hp.size, **(hp.arch or {}))
         changed = {k: v for k, v in (hp.arch or {}).items() if getattr(SIZES[hp.size], k) != v}
         if changed:
             shape = ", ".join(f"{k}={v}" for k, v in changed.items())
             rank_zero_info(f"model size {hp.size!r} with the recipe's arch overrides {shape}: trains a decoder of "
                            f"dim {arch.dim}, {arch.n_layers} layers, {arch.n_heads} heads")
-        return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size)
+        return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size,
+                                  hp.reference_input)
 
     @property
     def image_tokenizer(self):
@@ -167,10 +183,38 @@ class UnifiedSystem(LightningModule):
             self.lm_rows = init_from_lm(self.model, self.hparams.init_from, self.text.added_ids, self.hparams.seed)
             if self.hparams.freeze_text:
                 self.model.decoder.requires_grad_(False)
+        if self.hparams.code_init == "codebook":
+            if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                raise ValueError("code_init=codebook writes whole embedding rows, which ZeRO-3 shards as it builds "
+                                 "them; use the ddp or zero2 strategy, or code_init=random")
+            self._init_code_rows()
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # built inside ZeRO-3's zero.Init
             self._gather_outside_weights()
         if self.hparams.compile:
             self._compiled = (torch.compile(self.model.decoder),)
+
+    @torch.no_grad()
+    def _init_code_rows(self) -> None:
+        """Image-code rows of the embedding (and untied head) from the VQ-VAE's code vectors (code_init=codebook).
+
+        Each row becomes its code vector, standardised per channel and sent through one fixed Gaussian projection
+        to the model's width, then scaled and shifted to the mean and spread the rows had: similar codes (the many
+        shades of background a codebook learns) start as similar rows instead of unrelated ones.
+        """
+        if self.image_tokenizer is None:
+            raise ValueError("code_init=codebook reads the VQ-VAE's code vectors; it cannot run with pre_encoded data "
+                             "(no tokenizer weights are loaded); use code_init=random")
+        cfg = self.model_config
+        codes = torch.arange(cfg.codebook_size).view(1, -1, 1)  # (1, K, 1): every code once
+        vectors = self.image_tokenizer.codes_to_latents(codes)[0, :, :, 0].T.float()  # (K, d)
+        vectors = (vectors - vectors.mean(0)) / vectors.std(0).clamp_min(1e-6)
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        projection = torch.randn(vectors.shape[1], cfg.arch.dim, generator=generator) / vectors.shape[1] ** 0.5
+        structured = vectors @ projection  # (K, D), unit spread per element
+        rows = slice(cfg.code_offset, cfg.code_offset + cfg.codebook_size)
+        for weight in self.token_matrices():
+            old = weight[rows]
+            weight[rows] = (old.mean(0) + structured / structured.std() * old.std()).to(weight.dtype)
 
     def _gather_outside_weights(self) -> None:
         """ZeRO-3 gathers a sharded weight only around its own module's forward; the weights the model reads
@@ -218,7 +262,8 @@ class UnifiedSystem(LightningModule):
             noised = self.objective.noise(latents[batch.noised], generator)
             x = latents.clone()
             x[batch.noised], timesteps[batch.noised] = noised.x_t, noised.timesteps
-            continuous = ContinuousInput(layout.continuous_slots, x, timesteps)
+            references = reference_latents(latents, layout.references) if model.config.reference_input else None
+            continuous = ContinuousInput(layout.continuous_slots, x, timesteps, references)
         decoder = self._compiled[0] if self._compiled and model is self.model and model.training else model.decoder
         hidden = decoder(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
         targets = batch.targets.reshape(-1)
