@@ -20,7 +20,8 @@ from pathlib import Path
 LAYERS: dict[str, list[str]] = {
     "L0": ["anymodal/config.py", "anymodal/batch.py", "anymodal/hardware.py", "anymodal/__init__.py",
            "anymodal/atomic.py"],
-    "L1": ["anymodal/masks.py", "anymodal/nn/", "anymodal/diffusion/", "anymodal/layout.py", "anymodal/flops.py"],
+    "L1": ["anymodal/masks.py", "anymodal/nn/", "anymodal/diffusion/", "anymodal/layout.py", "anymodal/flops.py",
+           "anymodal/parallel.py"],
     "L2": ["anymodal/tokenizers/"],
     "L3": ["anymodal/model/", "anymodal/losses.py", "anymodal/data/", "anymodal/evaluate/"],
     "L4": ["anymodal/systems/", "anymodal/checkpoint.py", "anymodal/encode.py"],

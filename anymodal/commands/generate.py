@@ -49,6 +49,9 @@ def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_
     p.add_argument("--temperature", type=float, default=IMAGE.temperature,
                    help="code sampling temperature (discrete path; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=IMAGE.top_k, help="code sampling top-k (discrete path; 0 = all)")
+    p.add_argument("--parallel-steps", type=int, default=IMAGE.parallel_steps,
+                   help="discrete path: 0 decodes codes one by one (autoregressive); n > 0 decodes all of an "
+                        "image's codes in n parallel steps (bundles trained with parallel_images)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="images sampled together")
 
 
@@ -123,7 +126,7 @@ def image_sampling(ns: argparse.Namespace) -> ImageSampling:
     return ImageSampling(steps=ns.steps, guidance=ns.guidance,
                          image_guidance=getattr(ns, "image_guidance", IMAGE.image_guidance),
                          guidance_interval=tuple(ns.guidance_interval), sampler=ns.sampler,
-                         temperature=ns.temperature, top_k=ns.top_k)
+                         temperature=ns.temperature, top_k=ns.top_k, parallel_steps=ns.parallel_steps)
 
 
 def text_sampling(ns: argparse.Namespace) -> TextSampling:

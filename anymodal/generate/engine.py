@@ -29,6 +29,7 @@ from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling
 from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
+from anymodal.parallel import known_after
 from anymodal.tokenizers.text import TextTokenizer
 
 
@@ -50,7 +51,7 @@ class _Continuous:
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """(R,) ids drawn from (R, V) logits (greedy when temperature is 0); one generator per row."""
+    """(R, ...) ids drawn from (R, ..., V) logits (greedy when temperature is 0); one generator per row R."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -64,6 +65,14 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()
+    if probs.dim() > 2:  # several draws per row (the slots of a parallel step): one call per row
+        rows = probs.reshape(probs.shape[0], -1, probs.shape[-1])  # (R, n, V)
+        if generators is None:
+            return torch.multinomial(rows.reshape(-1, rows.shape[-1]), 1).view(probs.shape[:-1]).to(logits.device)
+        if len(generators) != probs.shape[0]:
+            raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
+        ids = [torch.multinomial(rows[i], 1, generator=g).view(probs.shape[1:-1]) for i, g in enumerate(generators)]
+        return torch.stack(ids).to(logits.device)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1).to(logits.device)
     if len(generators) != probs.shape[0]:
@@ -247,6 +256,8 @@ class Engine:
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
         if self.config.image_path == "discrete":
+            if sampling.parallel_steps > 0:
+                return self._codes_parallel(sampling, scales, generators, on_step)
             return self._codes(sampling, scales, generators, on_step)
         return self._latents(sampling, scales, generators, on_step)
 
@@ -255,10 +266,10 @@ class Engine:
         return lo <= i / n < hi  # step i of n (i < n) sits at fraction i / n of the trajectory
 
     def _codes(self, sampling: ImageSampling, scales: list[float], generators, on_step: StepCallback) -> torch.Tensor:
-        config, N = self.config, self.config.slots
+        config, N, K = self.config, self.config.slots, self.config.codebook_size
         codes = []
         for i in range(N):
-            logits = self.model.logits(self.last_hidden).float()[:, config.code_offset:]  # (R, K)
+            logits = self.model.logits(self.last_hidden).float()[:, config.code_offset:config.code_offset + K]  # (R, K)
             logp = logits.log_softmax(-1).view(self.branches, self.B, -1)
             guided = guide(logp, scales if self._in_interval(i, N, sampling) else [1.0] * len(scales))
             code = sample_logits(guided, sampling.temperature, sampling.top_k, 1.0, generators)  # (B,)
@@ -272,6 +283,43 @@ class Engine:
                 on_step(i + 1, N)
         g = config.grid
         return torch.stack(codes, 1).view(self.B, g, g)
+
+    def _codes_parallel(self, sampling: ImageSampling, scales: list[float], generators,
+                        on_step: StepCallback) -> torch.Tensor:
+        """All code slots at once, masked, then `parallel_steps` forwards that each fix the most confident of
+        their sampled codes (anymodal.parallel.known_after); the slots attend to each other both ways, as the
+        bundle's parallel training saw them."""
+        config, R, L, K = self.config, self.ids.shape[0], self.config.slots, self.config.codebook_size
+        steps = sampling.parallel_steps
+        if steps > L:
+            raise ValueError(f"parallel_steps={steps} exceeds the {L} codes of an image; use at most {L}")
+        mask_id = config.mask_id  # refuses a bundle trained without parallel images, in one sentence
+        group = int(self.continuous_ids.max().clamp_min(-1)) + 1  # one bidirectional group, as in training
+        start = self._append(torch.full((R, L), mask_id, dtype=torch.long), image=group)
+        codes = torch.zeros(self.B, L, dtype=torch.long, device=self.device)
+        known = torch.zeros(self.B, L, dtype=torch.bool, device=self.device)
+        mask = self._mask()  # the same for every step and for the final write
+        for i in range(steps):
+            ids = torch.where(known, codes + config.code_offset, torch.full_like(codes, mask_id))
+            self.ids[:, start:] = ids.repeat(self.branches, 1)
+            hidden = self._run(L, write=False, mask=mask)  # (R, L, D)
+            logits = self.model.logits(hidden).float()[..., config.code_offset:config.code_offset + K]  # (R, L, K)
+            logp = logits.log_softmax(-1).view(self.branches, self.B, L, K)
+            guided = guide(logp, scales if self._in_interval(i, steps, sampling) else [1.0] * len(scales))
+            drawn = sample_logits(guided, sampling.temperature, sampling.top_k, 1.0, generators)  # (B, L)
+            confidence = guided.log_softmax(-1).gather(2, drawn[..., None])[..., 0]  # (B, L)
+            confidence = confidence.masked_fill(known, float("inf"))  # fixed codes stay fixed
+            keep = confidence.topk(known_after(i, steps, L), dim=1).indices  # (B, n)
+            new = torch.zeros_like(known).scatter(1, keep, True) & ~known
+            codes = torch.where(new, drawn, codes)
+            known |= new
+            if on_step:
+                on_step(i + 1, steps)
+        self.ids[:, start:] = (codes + config.code_offset).repeat(self.branches, 1)
+        self._run(L, write=True, mask=mask)
+        self._feed(torch.full((R, 1), self.text.eoi_id, dtype=torch.long))
+        g = config.grid
+        return codes.view(self.B, g, g)
 
     def _latents(self, sampling: ImageSampling, scales: list[float], generators,
                  on_step: StepCallback) -> torch.Tensor:

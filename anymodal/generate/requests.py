@@ -308,11 +308,12 @@ def command_line(task: str, checkpoint: str, record: dict[str, Any], out: str = 
     args = ["anymodal", "generate", task, "--checkpoint", checkpoint]
     flags = {"prompt": "--prompt", "instruction": "--instruction", "image": "--image", "question": "--question",
              "seed": "--seed", "steps": "--steps", "guidance": "--guidance", "image_guidance": "--image-guidance",
-             "temperature": "--temperature", "top_k": "--top-k", "sampler": "--sampler",
+             "temperature": "--temperature", "top_k": "--top-k", "parallel_steps": "--parallel-steps",
+             "sampler": "--sampler",
              "max_images": "--max-images"}
     for key, flag in flags.items():
         value = record.get(key)
-        if value is None or (key == "image_guidance" and task != "edit") or (
+        if value is None or (key == "image_guidance" and task != "edit") or (key == "parallel_steps" and not value) or (
                 task in ("caption", "vqa") and key in ("steps", "guidance", "sampler")):
             continue
         args += [flag, str(value)]

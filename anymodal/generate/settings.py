@@ -48,3 +48,6 @@ class ImageSampling:
     shapes-world scenes as 1.0 (docs/design.md)."""
     top_k: int = 0
     """Top-k of code sampling (discrete path); 0 = all codes."""
+    parallel_steps: int = 0
+    """Discrete path: 0 decodes an image's codes one forward each (autoregressive); n > 0 decodes all of them in
+    n parallel (MaskGIT-style) forwards, for bundles trained with `parallel_images` (anymodal.parallel)."""

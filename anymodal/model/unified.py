@@ -41,6 +41,9 @@ class ModelConfig:
     """Side of the image's code grid (discrete) or latent grid (continuous)."""
     patch_size: int = 2
     """Side of a latent patch (continuous path); grid must be divisible by it."""
+    mask_code: bool = False
+    """Discrete path: one more row after the codes, the mask id of parallel (MaskGIT-style) decoding
+    (`anymodal.parallel`); never sampled."""
     reference_input: bool = False
     """Continuous path: each image's patches also read the patches of the image before it in the document (an
     edit's source, a story's previous picture) at the same slot, through their own projection (`ref_in`)."""
@@ -52,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"image_path={self.image_path!r} must be 'discrete' or 'continuous'")
         if self.image_path == "discrete" and self.codebook_size <= 0:
             raise ValueError("the discrete path needs codebook_size > 0 (the image tokenizer's codebook)")
+        if self.mask_code and self.image_path != "discrete":
+            raise ValueError("mask_code belongs to the discrete path (parallel decoding of image codes)")
         if self.reference_input and self.image_path != "continuous":
             raise ValueError("reference_input belongs to the continuous path (latent patches); the discrete path "
                              "reads earlier images through attention only")
@@ -64,7 +69,15 @@ class ModelConfig:
 
     @property
     def vocab_size(self) -> int:
-        return self.text_vocab_size + (self.codebook_size if self.image_path == "discrete" else 0)
+        return self.text_vocab_size + (self.codebook_size + self.mask_code if self.image_path == "discrete" else 0)
+
+    @property
+    def mask_id(self) -> int:
+        """The id of a masked code slot (parallel decoding); only with mask_code."""
+        if not self.mask_code:
+            raise ValueError("this model has no mask id: it was trained without parallel_images, so it decodes "
+                             "images autoregressively only (leave parallel_steps at 0)")
+        return self.code_offset + self.codebook_size
 
     @property
     def slots(self) -> int:
@@ -88,7 +101,7 @@ class ModelConfig:
 
 
 def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, image_size: int,
-                       patch_size: int = 2, reference_input: bool = False) -> ModelConfig:
+                       patch_size: int = 2, reference_input: bool = False, mask_code: bool = False) -> ModelConfig:
     """The unified model over `image_tokenizer` (a VQ-VAE: discrete path; a VAE: continuous) at `image_size` px.
 
     The grid comes from the tokenizer, so the image size is stated once; a size it cannot tile is refused."""
@@ -97,7 +110,7 @@ def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, 
     grid = image_tokenizer.grid(image_size)[0]
     if tokenizer_kind(image_tokenizer) == "vqvae":
         return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="discrete",
-                           codebook_size=image_tokenizer.codebook_size, grid=grid)
+                           codebook_size=image_tokenizer.codebook_size, grid=grid, mask_code=mask_code)
     return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="continuous",
                        latent_channels=image_tokenizer.latent_channels, grid=grid, patch_size=patch_size,
                        reference_input=reference_input)

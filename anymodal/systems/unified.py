@@ -8,6 +8,7 @@ starts from a pretrained Hugging Face causal LM (Liquid, LMFusion): its shape, t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Literal
@@ -26,6 +27,7 @@ from anymodal.losses import Losses, combine, diffusion_loss, token_losses, train
 from anymodal.masks import build_attention_mask
 from anymodal.model.hf import init_from_lm, read_lm_arch
 from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
+from anymodal.parallel import bidirectional, mask_for_training
 from anymodal.systems.ema import WeightEMA
 from anymodal.tokenizers.fingerprint import image_tokenizer_fingerprint
 from anymodal.tokenizers.image import load_image_tokenizer, read_image_tokenizer_spec
@@ -48,6 +50,7 @@ class UnifiedSystem(LightningModule):
         diffusion_weight: float = 5.0,
         code_weight: float = 1.0,
         code_init: Literal["random", "codebook"] = "random",
+        parallel_images: float = 0.0,
         context_policy: Literal["clean_and_noised", "shared"] = "clean_and_noised",
         reference_input: bool = False,
         lr: float = 1e-3,
@@ -87,6 +90,10 @@ class UnifiedSystem(LightningModule):
             code_init: how the image-code rows of the embedding and the LM head start (discrete path): `random`
                 like every row, or `codebook`: the VQ-VAE's code vectors through one fixed random projection to
                 the model's width, scaled to the rows' own spread, so codes that look alike start alike.
+            parallel_images: discrete path: the share of final images (a t2i or edit result, a story's last
+                picture) trained MaskGIT-style (masked codes, predicted in place, the image's slots attending both
+                ways; `anymodal.parallel`) instead of autoregressively, so the bundle also decodes an image in a
+                few parallel steps (`parallel_steps`); 0: autoregressive only (no mask id in the vocabulary).
             context_policy: a continuous image that is both a target and context: clean_and_noised or shared.
             reference_input: continuous path: each image's patches also read, through their own projection, the
                 clean patches of the image before it in the document at the same slot (an edit's source, a
@@ -128,6 +135,12 @@ class UnifiedSystem(LightningModule):
         if self.image_tokenizer is not None:
             self.image_tokenizer.requires_grad_(False).eval()
         self.discrete = self.image_spec.kind == "vqvae"
+        if not 0.0 <= parallel_images <= 1.0:
+            raise ValueError(f"parallel_images={parallel_images} is a share of images: it must lie in [0, 1]")
+        if parallel_images > 0 and not self.discrete:
+            raise ValueError(f"parallel_images decodes image codes in parallel; {image_tokenizer} is a "
+                             f"{self.image_spec.kind}, which has no codes (the continuous path already denoises "
+                             "every patch at once)")
         if code_init == "codebook" and not self.discrete:
             raise ValueError(f"code_init=codebook starts the image-code rows from a VQ-VAE's codebook; "
                              f"{image_tokenizer} is a {self.image_spec.kind}, which has no codes (use code_init=random)")
@@ -152,7 +165,7 @@ class UnifiedSystem(LightningModule):
                            f"{arch.n_layers} layers, {arch.n_heads} heads; its tokenizer gains "
                            f"{', '.join(self.text.added) or 'nothing'}")
             return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size,
-                                      hp.reference_input)
+                                      hp.reference_input, hp.parallel_images > 0)
         arch = ArchConfig.from_name(hp.size, **(hp.arch or {}))
         changed = {k: v for k, v in (hp.arch or {}).items() if getattr(SIZES[hp.size], k) != v}
         if changed:
@@ -160,7 +173,7 @@ class UnifiedSystem(LightningModule):
             rank_zero_info(f"model size {hp.size!r} with the recipe's arch overrides {shape}: trains a decoder of "
                            f"dim {arch.dim}, {arch.n_layers} layers, {arch.n_heads} heads")
         return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size,
-                                  hp.reference_input)
+                                  hp.reference_input, hp.parallel_images > 0)
 
     @property
     def image_tokenizer(self):
@@ -253,11 +266,18 @@ class UnifiedSystem(LightningModule):
     def compute_losses(self, batch: Batch, model: UnifiedModel | None = None) -> Losses:
         model = model or self.model
         batch, latents = self.encode_images(batch)
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        targets2d = batch.targets  # (B, T)
+        masked: list[tuple[int, int, int]] = []
+        if self.hparams.parallel_images > 0:  # some final images trained MaskGIT-style (anymodal.parallel)
+            tokens, targets2d, masked = mask_for_training(batch, self.hparams.parallel_images, model.config.mask_id,
+                                                          self.text.eoi_id, self.text.eos_id, generator)
+            batch = dataclasses.replace(batch, tokens=tokens)
         layout = build_layout(batch)
-        mask = build_attention_mask(layout.document_ids, layout.continuous_ids, model.config.arch.attention)
+        groups = bidirectional(layout.continuous_ids, masked) if masked else layout.continuous_ids
+        mask = build_attention_mask(layout.document_ids, groups, model.config.arch.attention)
         continuous, noised = None, None
         if latents is not None:
-            generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
             timesteps = torch.zeros(latents.shape[0], device=latents.device)
             noised = self.objective.noise(latents[batch.noised], generator)
             x = latents.clone()
@@ -266,8 +286,8 @@ class UnifiedSystem(LightningModule):
             continuous = ContinuousInput(layout.continuous_slots, x, timesteps, references)
         decoder = self._compiled[0] if self._compiled and model is self.model and model.training else model.decoder
         hidden = decoder(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
-        targets = batch.targets.reshape(-1)
-        pos = trained_positions(batch.targets)
+        targets = targets2d.reshape(-1)
+        pos = trained_positions(targets2d)
         logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[pos])  # (K, V)
         text, codes, z = token_losses(logits, targets[pos], self.model_config.code_offset,
                                       self.model_config.arch.z_loss)
