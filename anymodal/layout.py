@@ -29,7 +29,6 @@ class Layout:
                       -(2 + index) for an image later tokens may not see, -1 elsewhere
     continuous_slots: (N, L) flat indices into the B*T positions of each continuous image's L slots, in
                       image-index order (the order of the batch's latents); (0, 0) without continuous images
-    references:       (N_img,) index of the image each image may copy from (`Batch.reference_index`), -1: none
     """
 
     tokens: torch.Tensor
@@ -37,11 +36,10 @@ class Layout:
     document_ids: torch.Tensor
     continuous_ids: torch.Tensor
     continuous_slots: torch.Tensor
-    references: torch.Tensor
 
 
 def reference_latents(latents: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """(N, C, h, w): the clean latents each image refers to (`Layout.references`), zeros where it has none."""
+    """(N, C, h, w): the clean latents each image refers to (`Batch.reference_index`), zeros where it has none."""
     references = references.to(latents.device)
     has = (references >= 0)[:, None, None, None]
     return torch.where(has, latents[references.clamp_min(0)], latents.new_zeros(()))
@@ -73,5 +71,4 @@ def build_layout(batch: Batch) -> Layout:
     rows = torch.tensor([r for r, _, _, _ in images], dtype=torch.long, device=device)  # (N,)
     starts = torch.tensor([off for _, off, _, _ in images], dtype=torch.long, device=device)  # (N,)
     slots = slot_indices(rows, starts, T, lengths[0] if lengths else 0)  # (N, L)
-    references = batch.reference_index().to(device)
-    return Layout(batch.tokens, idx.positions, idx.document_ids, idx.continuous_ids, slots, references)
+    return Layout(batch.tokens, idx.positions, idx.document_ids, idx.continuous_ids, slots)

@@ -31,12 +31,12 @@ def final_images(batch: Batch, eoi_id: int, eos_id: int) -> list[tuple[int, int,
     """(row, offset, length) of every discrete image that ends its document (`<eoi><eos>` after its codes)
     and is trained (its first code is a target)."""
     out = []
-    tokens, targets = batch.tokens, batch.targets
+    tokens = batch.tokens
     T = tokens.shape[1]
     for r, off, length, _ in batch.image_slots(DISCRETE_IMAGE):
         end = off + length
         if (end + 1 < T and int(tokens[r, end]) == eoi_id and int(tokens[r, end + 1]) == eos_id
-                and int(targets[r, off - 1]) != IGNORE):
+                and bool(batch.loss_mask[r, off - 1])):
             out.append((r, off, length))
     return out
 

@@ -179,13 +179,13 @@ def main() -> None:
         r["speedup"] = r["tokens_per_s"] / base[r["path"]]
     table = Table(title=f"training levers (cpu, {threads} threads, {steps} steps after {warmup}; "
                         f"{info['cpu_model']})")
-    for col in ("path", "lever", "B x T", "tokens/s", "x recipe", "unpadded/s", "ms/step", "fwd", "(encode)", "bwd", "opt",
-                "data ms"):
+    for col in ("path", "lever", "B x T", "tokens/s", "x recipe", "unpadded/s", "ms/step", "fwd", "(encode)", "bwd",
+                "opt", "data ms"):
         table.add_column(col, justify="left" if col in ("path", "lever") else "right")
     for r in results:
         table.add_row(r["path"], r["lever"], f"{r['batch_size']} x {r['seq_len']}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['speedup']:.2f}",
-                      f"{r['document_tokens_per_s']:.0f}" if "document_tokens_per_s" in r else "-", f"{r['step_ms']:.0f}", f"{r['forward_ms']:.0f}", f"{r['encode_ms']:.0f}",
+                      f"{r['speedup']:.2f}", f"{r['document_tokens_per_s']:.0f}", f"{r['step_ms']:.0f}",
+                      f"{r['forward_ms']:.0f}", f"{r['encode_ms']:.0f}",
                       f"{r['backward_ms']:.0f}", f"{r['optimizer_ms']:.0f}", f"{r['data_ms']:.0f}")
     console = Console(width=140)
     console.print(table)

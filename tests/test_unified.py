@@ -192,7 +192,7 @@ def forward(model, system, batch: Batch, timesteps: torch.Tensor | None = None):
     continuous = None
     if latents is not None:
         t = batch.noised.float() * 500.0 if timesteps is None else timesteps
-        references = reference_latents(latents, layout.references) if model.config.reference_input else None
+        references = reference_latents(latents, batch.reference_index()) if model.config.reference_input else None
         continuous = ContinuousInput(layout.continuous_slots, latents, t, references)
     hidden = model(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
     pred = None if latents is None else model.image_prediction(hidden, layout.continuous_slots)

@@ -29,7 +29,7 @@ from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling
 from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
-from anymodal.parallel import known_after
+from anymodal.parallel import bidirectional, known_after
 from anymodal.tokenizers.text import TextTokenizer
 
 
@@ -65,20 +65,13 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()
-    if probs.dim() > 2:  # several draws per row (the slots of a parallel step): one call per row
-        rows = probs.reshape(probs.shape[0], -1, probs.shape[-1])  # (R, n, V)
-        if generators is None:
-            return torch.multinomial(rows.reshape(-1, rows.shape[-1]), 1).view(probs.shape[:-1]).to(logits.device)
-        if len(generators) != probs.shape[0]:
-            raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-        ids = [torch.multinomial(rows[i], 1, generator=g).view(probs.shape[1:-1]) for i, g in enumerate(generators)]
-        return torch.stack(ids).to(logits.device)
+    rows = probs.reshape(probs.shape[0], -1, probs.shape[-1])  # (R, n, V): n draws per row (a parallel step's slots)
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1).to(logits.device)
+        return torch.multinomial(rows.reshape(-1, rows.shape[-1]), 1).view(probs.shape[:-1]).to(logits.device)
     if len(generators) != probs.shape[0]:
         raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    ids = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(ids).to(logits.device)
+    ids = [torch.multinomial(rows[i], 1, generator=g).view(probs.shape[1:-1]) for i, g in enumerate(generators)]
+    return torch.stack(ids).to(logits.device)
 
 
 def guide(pred: torch.Tensor, scales: list[float]) -> torch.Tensor:
@@ -294,8 +287,8 @@ class Engine:
         if steps > L:
             raise ValueError(f"parallel_steps={steps} exceeds the {L} codes of an image; use at most {L}")
         mask_id = config.mask_id  # refuses a bundle trained without parallel images, in one sentence
-        group = int(self.continuous_ids.max().clamp_min(-1)) + 1  # one bidirectional group, as in training
-        start = self._append(torch.full((R, L), mask_id, dtype=torch.long), image=group)
+        start = self._append(torch.full((R, L), mask_id, dtype=torch.long))
+        self.continuous_ids = bidirectional(self.continuous_ids, [(r, start, L) for r in range(R)])  # as in training
         codes = torch.zeros(self.B, L, dtype=torch.long, device=self.device)
         known = torch.zeros(self.B, L, dtype=torch.bool, device=self.device)
         mask = self._mask()  # the same for every step and for the final write

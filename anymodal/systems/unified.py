@@ -189,19 +189,20 @@ class UnifiedSystem(LightningModule):
         if self.model is not None:
             return
         self.model = UnifiedModel(self.model_config)
+        sharded = any(hasattr(p, "ds_id") for p in self.model.parameters())  # built inside ZeRO-3's zero.Init
         if self.hparams.init_from:
-            if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            if sharded:
                 raise ValueError("init_from copies the LM's weights into whole parameters, which ZeRO-3 shards as it "
                                  "builds them; train from an LM with the ddp or zero2 strategy")
             self.lm_rows = init_from_lm(self.model, self.hparams.init_from, self.text.added_ids, self.hparams.seed)
             if self.hparams.freeze_text:
                 self.model.decoder.requires_grad_(False)
         if self.hparams.code_init == "codebook":
-            if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            if sharded:
                 raise ValueError("code_init=codebook writes whole embedding rows, which ZeRO-3 shards as it builds "
                                  "them; use the ddp or zero2 strategy, or code_init=random")
             self._init_code_rows()
-        if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # built inside ZeRO-3's zero.Init
+        if sharded:
             self._gather_outside_weights()
         if self.hparams.compile:
             self._compiled = (torch.compile(self.model.decoder),)
@@ -267,12 +268,13 @@ class UnifiedSystem(LightningModule):
         model = model or self.model
         batch, latents = self.encode_images(batch)
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        targets2d = batch.targets  # (B, T)
         masked: list[tuple[int, int, int]] = []
         if self.hparams.parallel_images > 0:  # some final images trained MaskGIT-style (anymodal.parallel)
             tokens, targets2d, masked = mask_for_training(batch, self.hparams.parallel_images, model.config.mask_id,
                                                           self.text.eoi_id, self.text.eos_id, generator)
             batch = dataclasses.replace(batch, tokens=tokens)
+        else:
+            targets2d = batch.targets  # (B, T)
         layout = build_layout(batch)
         groups = bidirectional(layout.continuous_ids, masked) if masked else layout.continuous_ids
         mask = build_attention_mask(layout.document_ids, groups, model.config.arch.attention)
@@ -282,7 +284,7 @@ class UnifiedSystem(LightningModule):
             noised = self.objective.noise(latents[batch.noised], generator)
             x = latents.clone()
             x[batch.noised], timesteps[batch.noised] = noised.x_t, noised.timesteps
-            references = reference_latents(latents, layout.references) if model.config.reference_input else None
+            references = reference_latents(latents, batch.reference_index()) if model.config.reference_input else None
             continuous = ContinuousInput(layout.continuous_slots, x, timesteps, references)
         decoder = self._compiled[0] if self._compiled and model is self.model and model.training else model.decoder
         hidden = decoder(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
