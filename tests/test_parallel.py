@@ -2,16 +2,25 @@
 its attention groups, a batch that overfits under the masked objective, and the engine's parallel forward
 reading a prompt as training reads it."""
 
+import json
+import shlex
+import sys
+
 import numpy as np
 import pytest
 import torch
-from test_unified import encoded_batch, encoded_documents
+from test_unified import cli_args, encoded_batch, encoded_documents
 
 from anymodal.batch import DISCRETE_IMAGE, IGNORE
+from anymodal.checkpoint import load_bundle
+from anymodal.commands.cli import build_parser, main
+from anymodal.commands.generate import image_sampling
 from anymodal.data.document import Document
 from anymodal.data.packing import collate_rows
+from anymodal.generate import requests
 from anymodal.generate.engine import Engine
 from anymodal.generate.settings import ImageSampling
+from anymodal.generate.tasks import Pipeline
 from anymodal.layout import build_layout
 from anymodal.masks import build_attention_mask, dense_mask
 from anymodal.parallel import bidirectional, final_images, known_after, mask_for_training
@@ -130,3 +139,29 @@ def test_parallel_decoding_is_seeded_and_refused_without_a_mask_id(make_system):
         engine.generate_image(sampling, [])
     with pytest.raises(ValueError, match="has no codes"):
         make_system("continuous", parallel_images=0.5)
+
+
+def test_the_recipe_trains_a_parallel_bundle_that_the_commands_sample(tokenizer_dirs, tmp_path, monkeypatch):
+    """The chameleon recipe with parallel_images through `anymodal fit`, `export`, then `generate t2i
+    --parallel-steps`: the image is written, progress counts parallel steps, and the record's command line asks
+    for the same steps."""
+    monkeypatch.setattr(sys, "argv", ["anymodal"])  # LightningCLI warns when it sees pytest's arguments too
+    main(cli_args("discrete", tokenizer_dirs, tmp_path) + [
+        "--model.init_args.parallel_images", "1.0", "--model.init_args.size", "debug",
+        "--data.init_args.batch_size", "2", "--data.init_args.val_batches", "1", "--trainer.max_steps=2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false", "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+    ])
+    (ckpt,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")])
+    main(["generate", "t2i", "--checkpoint", str(tmp_path / "bundle"), "--prompt", "a red circle at the center",
+          "--parallel-steps", "2", "--out", str(tmp_path / "t2i")])
+    (row,) = [json.loads(line) for line in (tmp_path / "t2i" / "index.jsonl").read_text().splitlines()]
+    assert (tmp_path / "t2i" / row["file"]).is_file() and row["parallel_steps"] == 2
+    seen = []  # the progress of a request counts parallel steps, not codes
+    requests.text_to_image(Pipeline(load_bundle(tmp_path / "bundle")), requests.TextToImage(
+        ["a red circle"], sampling=ImageSampling(parallel_steps=2)), progress=seen.append)
+    assert [(p.done, p.total) for p in seen] == [(1, 2), (2, 2)]
+    line = requests.command_line("t2i", str(tmp_path / "bundle"), row)
+    assert image_sampling(build_parser().parse_args(shlex.split(line)[1:])).parallel_steps == 2
