@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: test demo bench bench-peer lint install clean
+.PHONY: test test-gpu demo bench bench-peer lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	# pytest exit code 5 (no tests collected) is a failure, like any other non-zero code.
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# on a machine with a CUDA device (a CUDA build of torch): FlexAttention, bf16 and DeepSpeed ZeRO through Lightning
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python benchmarks/cuda_throughput.py
 
 demo: $(STAMP)
 	$(BIN)/anymodal demo --out checkpoints/demo

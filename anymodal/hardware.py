@@ -63,11 +63,22 @@ def conv_rate(dtype: torch.dtype = torch.float32, channels: int = 64, size: int 
     return 2 * batch * channels * channels * 9 * size * size / best
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
-    """Measured FLOP/s of an n x n x n matmul in `dtype` on this CPU (the best of `repeats`).
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int | None = None, repeats: int = 5,
+                device: str | torch.device = "cpu") -> float:
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device` (the best of `repeats`).
 
-    The denominator of CPU model-FLOPs utilisation: what this machine's matmul reaches, with the
-    threads torch uses now."""
+    The denominator of model-FLOPs utilisation: what this machine's matmul reaches, with the threads torch
+    uses now on a CPU (n = 1024), or on a CUDA device (n = 8192: dense, where datasheets count 2:4 sparsity)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
     g = torch.Generator().manual_seed(0)  # the global RNG stays untouched: training draws stay as they were
-    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-    return 2 * n**3 / _best_time(lambda: a @ b, repeats)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    if device.type != "cuda":
+        return 2 * n**3 / _best_time(lambda: a @ b, repeats)
+
+    def product() -> None:
+        a @ b
+        torch.cuda.synchronize(device)
+
+    product()
+    return 2 * n**3 / _best_time(product, repeats)

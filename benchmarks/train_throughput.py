@@ -21,6 +21,7 @@ CPU time per wall second (`os.times`) is recorded with each figure, since the CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -94,11 +95,18 @@ def run_one(spec: dict) -> dict:
     model_args = dict(recipe["model"]["init_args"])
     data_args = dict(recipe["data"]["init_args"])
     batch_size = spec.get("batch_size") or data_args["batch_size"]
-    seq_len = data_args["seq_len"]
+    seq_len = spec.get("seq_len") or data_args["seq_len"]
+    image_size = spec.get("image_size") or model_args["image_size"]
+    model_args["image_size"] = image_size
+    if spec.get("size"):
+        model_args["size"] = spec["size"]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec.get("precision") == "bf16"
+                else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as tmp:
         folder, tokenizer_config = image_tokenizer(spec["path"], Path(tmp))
         model_args.update(text_tokenizer=str(TEXT_TOKENIZER), image_tokenizer=str(folder))
-        model_args["arch"] = {**(model_args.get("arch") or {}), "attention": spec["attention"]}
+        model_args["arch"] = {**(model_args.get("arch") or {}), "attention": spec["attention"],
+                              "max_seq_len": max(seq_len, (model_args.get("arch") or {}).get("max_seq_len", 0))}
         torch.manual_seed(0)
         system = UnifiedSystem(**model_args)
         system.configure_model()
@@ -106,7 +114,7 @@ def run_one(spec: dict) -> dict:
     hp = system.hparams
     params = sum(p.numel() for p in system.model.parameters())
 
-    sources = [ShapesWorld(**s["init_args"]) for s in data_args["sources"]]
+    sources = [ShapesWorld(**{**s["init_args"], "size": image_size}) for s in data_args["sources"]]
     stream = PackedBatches(sources, system.encoder, seq_len, batch_size, data_args.get("weights"),
                            data_args.get("drop_text", 0.1), data_args.get("drop_image", 0.1), seed=0)
     n = spec["warmup"] + spec["steps"]
@@ -126,9 +134,10 @@ def run_one(spec: dict) -> dict:
     def step(batch) -> float:
         batch = batch.to(device)
         if not train:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 return float(system.compute_losses(batch).total)
-        losses = system.compute_losses(batch)
+        with autocast:
+            losses = system.compute_losses(batch)
         opt.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(system.model.parameters(), recipe["trainer"].get("gradient_clip_val", 1.0))
@@ -158,7 +167,9 @@ def run_one(spec: dict) -> dict:
     cpu_per_wall = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (wall1 - wall0)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     tokens = batch_size * seq_len
+    flops_per_token = system.count_flops(batches[0]).total  # training FLOPs, dense attention (the MFU convention)
     out = {**spec, "batch_size": batch_size, "seq_len": seq_len, "size": hp.size, "params": params,
+           "image_size": image_size, "train_flops_per_token": flops_per_token,
            "image_tokenizer": tokenizer_config,
            "tokens_per_s": tokens * len(times) / sum(times), "step_ms_median": 1e3 * statistics.median(times),
            "step_ms_min": 1e3 * min(times), "data_ms_per_batch": 1e3 * data_s, "document_fraction": real_tokens,

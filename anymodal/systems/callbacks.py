@@ -92,11 +92,13 @@ class ReconstructionGrid(Callback):
 
 
 class MFUMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for packed Batches, with the model-FLOPs utilisation on CPUs too.
+    """Lightning's ThroughputMonitor for packed Batches, with the model-FLOPs utilisation on any device.
 
     Logs `train/device/tokens_per_sec`, `train/device/flops_per_sec` and `train/device/mfu` (dense attention,
-    the PaLM convention) from the system's `flops_per_batch` (anymodal.flops). Lightning knows the peak of
-    CUDA devices; on a CPU the peak is this machine's measured matmul rate in the training precision.
+    the PaLM convention) from the system's `flops_per_batch` (anymodal.flops). The peak is this device's
+    measured matmul rate in the training precision (`anymodal.hardware.matmul_rate`), on CPUs and GPUs alike:
+    Lightning's table has no peak for CPUs or for chips it does not name (an "NVIDIA H200" is neither its
+    "h200 sxm1" nor "nvl1"), and its Hopper figures count 2:4 sparsity, twice the dense rate.
     """
 
     def __init__(self, window_size: int = 20) -> None:
@@ -105,16 +107,20 @@ class MFUMonitor(ThroughputMonitor):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.available_flops is None and trainer.strategy.root_device.type == "cpu":
-            from lightning.fabric.utilities.throughput import Throughput
-            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+        device = trainer.strategy.root_device
+        if device.type not in ("cpu", "cuda"):
+            return
+        from lightning.fabric.utilities.throughput import Throughput
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-            from anymodal.hardware import matmul_rate
+        from anymodal.hardware import matmul_rate
 
-            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-            self.available_flops = matmul_rate(dtype)
-            rank_zero_info(f"MFU is measured against {self.available_flops / 1e9:.0f} GFLOP/s (CPU, measured {dtype} "
-                           f"matmul, {torch.get_num_threads()} threads)")
-            for key in self._throughputs:
-                self._throughputs[key] = Throughput(available_flops=self.available_flops,
-                                                    world_size=trainer.world_size, **self.kwargs)
+        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+        self.available_flops = matmul_rate(dtype, device=device)
+        where = (f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu"
+                 else torch.cuda.get_device_name(device))
+        rank_zero_info(f"MFU is measured against {self.available_flops / 1e12:.2f} TFLOP/s ({where}, measured "
+                       f"{dtype} matmul)")
+        for key in self._throughputs:
+            self._throughputs[key] = Throughput(available_flops=self.available_flops,
+                                                world_size=trainer.world_size, **self.kwargs)
