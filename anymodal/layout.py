@@ -45,6 +45,23 @@ def reference_latents(latents: torch.Tensor, references: torch.Tensor) -> torch.
     return torch.where(has, latents[references.clamp_min(0)], latents.new_zeros(()))
 
 
+def code_slots(tokens: torch.Tensor, boi_id: int, code_offset: int, code_ids: int, slots: int) -> torch.Tensor:
+    """(B, T) slot of every token in its discrete image: 0 on `<boi>`, 1..`slots` on the codes after it (ids
+    in [code_offset, code_offset + code_ids): the codebook, and the mask id of parallel decoding), -1 elsewhere.
+
+    Codes always follow their own `<boi>`, so the slot is the distance to the last `<boi>` before the token, in
+    training's packed rows and in the engine's whole id history (a window of new columns is a slice of it).
+    """
+    T = tokens.shape[1]
+    at = torch.arange(T, device=tokens.device).expand_as(tokens)
+    is_boi = tokens == boi_id
+    last_boi = torch.where(is_boi, at, torch.full_like(at, -1)).cummax(1).values  # (B, T)
+    slot = at - last_boi
+    is_code = (tokens >= code_offset) & (tokens < code_offset + code_ids)
+    inside = is_boi | (is_code & (last_boi >= 0) & (slot <= slots))
+    return torch.where(inside, slot, torch.full_like(slot, -1))
+
+
 def slot_indices(rows: torch.Tensor, starts: torch.Tensor, width: int, slots_per_image: int) -> torch.Tensor:
     """(N, L) flat indices into a (R, width) window of N images; image i fills `slots_per_image` columns of
     row `rows[i]` from column `starts[i]`.

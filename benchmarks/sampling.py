@@ -5,7 +5,8 @@ with classifier-free guidance (batch 1, 2 branches) after prompts of 16, 256 and
 for 4, 8, 16 and 32 denoising steps. With the cache the prompt is prefilled once and each step runs only
 the image's patch slots against it, so the per-step cost (the slope of seconds against steps) should not
 grow with the prompt; without it every step recomputes the whole sequence. The discrete path is timed too
-(64 codes, one forward per code). Timings are the fastest of `--repeats` runs.
+(64 codes, one forward per code), and beside it parallel (MaskGIT-style) decoding of the same model in 4, 8
+and 16 forwards, at batch 1 and 32 (a 16-token prompt). Timings are the fastest of `--repeats` runs.
 
     .venv/bin/python benchmarks/sampling.py            # writes benchmarks/results/sampling.json
     .venv/bin/python benchmarks/sampling.py --quick    # a smoke run (small grid, one repeat)
@@ -37,13 +38,15 @@ TEXT_TOKENIZER = ROOT / "tokenizers" / "shapes-text"
 
 
 def build_model(path: str, text: TextTokenizer, max_seq_len: int, device: str) -> UnifiedModel:
-    """An untrained `tiny` unified model: 8x8 latent grid in 2x2 patches (16 slots), or 8x8 = 64 codes."""
+    """An untrained `tiny` unified model: 8x8 latent grid in 2x2 patches (16 slots), or 8x8 = 64 codes (with the
+    mask id of parallel decoding)."""
     arch = ArchConfig.from_name("tiny", max_seq_len=max_seq_len, attention="sdpa")
     if path == "continuous":
         config = ModelConfig(arch=arch, text_vocab_size=len(text), image_path="continuous", latent_channels=4, grid=8,
                              patch_size=2)
     else:
-        config = ModelConfig(arch=arch, text_vocab_size=len(text), image_path="discrete", codebook_size=1024, grid=8)
+        config = ModelConfig(arch=arch, text_vocab_size=len(text), image_path="discrete", codebook_size=1024, grid=8,
+                             mask_code=True)
     torch.manual_seed(0)
     return UnifiedModel(config).to(device).eval().requires_grad_(False)
 
@@ -76,6 +79,27 @@ def time_image(model: UnifiedModel, text: TextTokenizer, objective, prompts: lis
     return best
 
 
+def time_codes(model: UnifiedModel, text: TextTokenizer, batch: int, parallel_steps: int, repeats: int,
+               generator: torch.Generator) -> dict:
+    """Fastest of `repeats` runs of prefill + `batch` guided discrete images (16-token prompts), decoded
+    autoregressively (parallel_steps 0) or in `parallel_steps` forwards."""
+    prompts = random_prompts(text, 16, generator)
+    cond, uncond = [prompts[0]] * batch, [prompts[1]] * batch
+    sampling = ImageSampling(temperature=1.0, parallel_steps=parallel_steps)
+    best = None
+    for _ in range(repeats):
+        engine = Engine(model, text, None)
+        t0 = time.perf_counter()
+        engine.start(cond + uncond, branches=2)
+        engine.generate_image(sampling, [sampling.guidance], [torch.Generator().manual_seed(i) for i in range(batch)])
+        if model.lm_head.weight.is_cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        if best is None or wall < best["seconds"]:
+            best = {"seconds": wall, "ms_per_image": 1e3 * wall / batch, "forwards": len(engine.stats.forwards)}
+    return best
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of ys against xs."""
     n = len(xs)
@@ -97,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, nargs="+", default=[16, 256, 1024], help="prompt lengths in tokens")
     parser.add_argument("--discrete-prompts", type=int, nargs="+", default=[16, 256],
                         help="prompt lengths of the discrete path")
+    parser.add_argument("--parallel-batches", type=int, nargs="+", default=[1, 32],
+                        help="batch sizes of the autoregressive / parallel decoding comparison")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is kept")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -105,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.prompts, args.discrete_prompts, args.repeats = [2, 4], [16, 64], [16], 1
+        args.parallel_batches = [1, 4]
     torch.set_num_threads(args.threads)
     console = Console(width=120)
     text = load_text_tokenizer(TEXT_TOKENIZER)
@@ -149,6 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
             discrete.append({"prompt_tokens": length, "cache": use_cache, "codes": model.config.slots, **run})
             console.log(f"discrete prompt={length} cache={use_cache}: {run['seconds']:.3f} s")
 
+    parallel = []
+    time_codes(model, text, 1, 4, 1, gen)  # warm-up
+    for batch in args.parallel_batches:
+        for steps in (0, 4, 8, 16):
+            run = time_codes(model, text, batch, steps, args.repeats, gen)
+            parallel.append({"batch": batch, "parallel_steps": steps, **run})
+            console.log(f"discrete batch={batch} parallel_steps={steps}: {run['ms_per_image']:.1f} ms/image")
+
     cpu_done = os.times()
     total = time.perf_counter() - started
     result = {
@@ -156,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"size": "tiny", "max_seq_len": max_seq_len, "continuous_slots": slots, "discrete_codes": 64,
                   "batch_size": 1, "branches": 2},
         "continuous": continuous, "per_step": per_step, "per_step_ratio": ratios, "discrete": discrete,
+        "parallel": parallel,
         "total_seconds": total,
         "cpu_per_wall": ((cpu_done.user - cpu_started.user) + (cpu_done.system - cpu_started.system)) / total,
     }
@@ -181,6 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
     for r in discrete:
         table.add_row(str(r["prompt_tokens"]), "yes" if r["cache"] else "no", f"{r['seconds']:.3f}",
                       str(r["forwards"]))
+    console.print(table)
+    table = Table(title="discrete: ms per image, autoregressive (64 forwards) or parallel decoding (16-token "
+                        "prompt, CFG)")
+    table.add_column("batch", justify="right")
+    for steps in (0, 4, 8, 16):
+        table.add_column("autoregressive" if steps == 0 else f"{steps} steps", justify="right")
+    for batch in args.parallel_batches:
+        rows = [r for r in parallel if r["batch"] == batch]
+        table.add_row(str(batch), *(f"{r['ms_per_image']:.1f}" for r in rows))
     console.print(table)
     console.print(f"total {total:.0f} s, {result['cpu_per_wall']:.2f} CPU s per wall s, "
                   f"{torch.get_num_threads()} threads, {result['machine']['processor']}")

@@ -17,10 +17,10 @@ from anymodal.generate.tasks import Pipeline
 IMAGE_SIZE = {"continuous": 32, "discrete": 12}
 
 
-def _bundle(make_system, tmp_path, path: str) -> Bundle:
+def _bundle(make_system, tmp_path, path: str, **options) -> Bundle:
     """A debug-size bundle written and loaded back, with heads that make sampling non-trivial."""
     size = IMAGE_SIZE[path]
-    system = make_system(path, image_size=size)
+    system = make_system(path, image_size=size, **options)
     folder = save_bundle(tmp_path / path, system.sampling_model(), system.text, system.image_tokenizer,
                          system.objective.config())
     bundle = load_bundle(folder, expect=path)
@@ -31,6 +31,8 @@ def _bundle(make_system, tmp_path, path: str) -> Bundle:
         if path == "continuous":  # zero-initialised: every prediction would be 0
             model.patch_out.weight.copy_(torch.randn(model.patch_out.weight.shape, generator=gen) * 0.05)
             model.patch_out.bias.copy_(torch.randn(model.patch_out.bias.shape, generator=gen) * 0.05)
+        if model.config.code_positions:  # large, so a code read at the wrong slot changes what is drawn
+            model.code_pos.copy_(torch.randn(model.code_pos.shape, generator=gen))
     return bundle
 
 
@@ -39,9 +41,9 @@ def continuous(make_system, tmp_path) -> Bundle:
     return _bundle(make_system, tmp_path, "continuous")
 
 
-@pytest.fixture
-def discrete(make_system, tmp_path) -> Bundle:
-    return _bundle(make_system, tmp_path, "discrete")
+@pytest.fixture(params=[False, True], ids=["discrete", "discrete+positions"])
+def discrete(request, make_system, tmp_path) -> Bundle:
+    return _bundle(make_system, tmp_path, "discrete", code_positions=request.param)
 
 
 @pytest.fixture(params=["continuous", "discrete"])

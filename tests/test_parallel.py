@@ -19,7 +19,7 @@ from anymodal.data.document import Document
 from anymodal.data.packing import collate_rows
 from anymodal.generate import requests
 from anymodal.generate.engine import Engine
-from anymodal.generate.settings import ImageSampling
+from anymodal.generate.settings import PARALLEL_STEPS, ImageSampling
 from anymodal.generate.tasks import Pipeline
 from anymodal.layout import build_layout
 from anymodal.masks import build_attention_mask, dense_mask
@@ -78,13 +78,17 @@ def test_one_batch_overfits_under_the_masked_objective(make_system):
     assert losses[-1] < 0.2 * losses[0], f"code loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-def test_the_parallel_forward_reads_a_prompt_as_training_does(make_system):
+@pytest.mark.parametrize("code_positions", [False, True])
+def test_the_parallel_forward_reads_a_prompt_as_training_does(make_system, code_positions):
     """One greedy parallel step predicts every slot from an all-masked image: the same hidden states and codes as
-    the training forward on prompt + <boi> + masked slots with the image's slots in one group."""
-    system = make_system("discrete", parallel_images=1.0)
+    the training forward on prompt + <boi> + masked slots with the image's slots in one group (with
+    code_positions: each masked slot adds its own slot's position in both)."""
+    system = make_system("discrete", parallel_images=1.0, code_positions=code_positions)
     model = system.model.eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.5)
+        if code_positions:  # random and large, so a slot read at the wrong place shows
+            model.code_pos.normal_(std=1.0)
     cfg = system.model_config
     doc = encoded_documents(system, ["t2i"])[0]
     prompt = system.encoder.encode_prompt(Document(doc.segments[:-1], "t2i"))
@@ -105,7 +109,8 @@ def test_the_parallel_forward_reads_a_prompt_as_training_does(make_system):
     groups = bidirectional(layout.continuous_ids, [(0, T - L, L)])
     with torch.no_grad():
         mask = build_attention_mask(layout.document_ids, groups, "sdpa")
-        hidden = model(model.embed(layout.tokens), layout.positions, mask)
+        hidden = model(model.embed(layout.tokens, None, model.code_slots(layout.tokens, system.text.boi_id)),
+                       layout.positions, mask)
         logits = model.logits(hidden[0, T - L:])[:, cfg.code_offset:cfg.code_offset + cfg.codebook_size]
     torch.testing.assert_close(seen[1][0], hidden[0, T - L:], rtol=0, atol=1e-5)
     assert torch.equal(codes.reshape(-1), logits.argmax(-1))
@@ -165,3 +170,11 @@ def test_the_recipe_trains_a_parallel_bundle_that_the_commands_sample(tokenizer_
     assert [(p.done, p.total) for p in seen] == [(1, 2), (2, 2)]
     line = requests.command_line("t2i", str(tmp_path / "bundle"), row)
     assert image_sampling(build_parser().parse_args(shlex.split(line)[1:])).parallel_steps == 2
+    pipe = Pipeline(load_bundle(tmp_path / "bundle"))
+    for asked, used in ((None, PARALLEL_STEPS), (0, 0)):  # unasked: as trained; 0: one code per forward
+        seen = []
+        (out,) = requests.text_to_image(pipe, requests.TextToImage(["a red circle"], sampling=ImageSampling(
+            parallel_steps=asked)), progress=seen.append)
+        assert out.record["parallel_steps"] == used and seen[-1].total == (used or pipe.bundle.config.slots)
+        line = requests.command_line("t2i", str(tmp_path / "bundle"), out.record)
+        assert image_sampling(build_parser().parse_args(shlex.split(line)[1:])).parallel_steps == used

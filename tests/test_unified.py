@@ -23,7 +23,7 @@ from anymodal.data.document import Document, Image
 from anymodal.data.packing import collate_rows, pack_rows
 from anymodal.data.shapes import ShapesWorld
 from anymodal.generate.engine import Engine
-from anymodal.layout import build_layout, reference_latents
+from anymodal.layout import build_layout, code_slots, reference_latents
 from anymodal.masks import build_attention_mask
 from anymodal.model.unified import ContinuousInput
 
@@ -194,7 +194,8 @@ def forward(model, system, batch: Batch, timesteps: torch.Tensor | None = None):
         t = batch.noised.float() * 500.0 if timesteps is None else timesteps
         references = reference_latents(latents, batch.reference_index()) if model.config.reference_input else None
         continuous = ContinuousInput(layout.continuous_slots, latents, t, references)
-    hidden = model(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
+    h = model.embed(layout.tokens, continuous, model.code_slots(layout.tokens, system.text.boi_id))
+    hidden = model(h, layout.positions, mask)  # (B, T, D)
     pred = None if latents is None else model.image_prediction(hidden, layout.continuous_slots)
     return model.logits(hidden), pred
 
@@ -257,18 +258,22 @@ def test_with_shared_noise_later_tokens_see_the_noised_image(make_system):
     assert not torch.allclose(other[0, later], logits[0, later])
 
 
-@pytest.mark.parametrize("path", ["continuous", "discrete", "continuous+reference"])
+@pytest.mark.parametrize("path", ["continuous", "discrete", "continuous+reference", "discrete+positions"])
 def test_engine_prefill_equals_the_training_forward(make_system, path):
     """Sampling reads a prompt as training reads the same document: the engine's prefill of left-padded
     prompts gives, at each prompt's own columns, the logits of the training forward on that prompt alone
-    (with reference_input: each prompt image reads the same reference in both)."""
-    reference = path.endswith("+reference")
-    system = make_system(path.removesuffix("+reference"), **({"reference_input": True} if reference else {}))
+    (with reference_input: each prompt image reads the same reference in both; with code_positions: each code
+    of a prompt image adds the same slot's position in both)."""
+    reference, positions = path.endswith("+reference"), path.endswith("+positions")
+    options = {"reference_input": True} if reference else {"code_positions": True} if positions else {}
+    system = make_system(path.split("+")[0], **options)
     model = system.model.eval()
     with torch.no_grad():  # logits of order 1 (a debug model's are near 0), so a misplaced token shows
         model.lm_head.weight.normal_(std=0.2)
         if reference:  # it starts at zero; random, a wrong reference shows
             model.ref_in.weight.normal_(std=0.5)
+        if positions:  # random and large, so a slot read at the wrong place shows
+            model.code_pos.normal_(std=1.0)
     tasks = ["vqa", "t2i", "caption"] + (["story"] if reference else [])
     docs = encoded_documents(system, tasks)
     # prompts: without the answer, the image, the caption, the story's last picture; images are clean context
@@ -372,3 +377,25 @@ def test_a_recipe_typo_names_the_key(tokenizer_dirs, tmp_path, capsys, monkeypat
     first = err.splitlines()[0]
     assert first.startswith("anymodal fit: error:") and key in first, err
     assert len(err.splitlines()) < 20  # the message, not the whole usage text
+
+
+def test_each_code_reads_its_slot_in_its_own_image(make_system):
+    """code_slots: <boi> is slot 0 and the codes after it 1..slots (masked slots too), counted afresh at each
+    image; text, <eoi> and padding are outside (-1). Only the discrete path has code_positions."""
+    boi, offset = 1, 10  # ids: text below 10, codes 10..13, the mask id 14
+    tokens = torch.tensor([[5, boi, 10, 13, 12, 11, 2, 6, boi, 14, 14, 10, 11, 2, 0],
+                           [boi, 12, 12, 12, 12, 2, 7, 7, 7, 7, 7, 7, 7, 7, 7]])
+    slots = code_slots(tokens, boi, offset, code_ids=5, slots=4)
+    assert slots.tolist() == [[-1, 0, 1, 2, 3, 4, -1, -1, 0, 1, 2, 3, 4, -1, -1],
+                              [0, 1, 2, 3, 4, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]]
+    system = make_system("discrete", code_positions=True)
+    model = system.model
+    batch, _ = system.encode_images(encoded_batch(system, ["t2i", "caption"], SEQ_LEN["discrete"]))  # codes in
+    layout = build_layout(batch)
+    slots = model.code_slots(layout.tokens, system.text.boi_id)
+    assert sorted(slots[slots >= 0].unique().tolist()) == list(range(system.model_config.slots + 1))
+    assert int((slots == 0).sum()) == len(batch.images) and model.code_pos.shape[0] == system.model_config.slots + 1
+    with pytest.raises(ValueError, match="pass code_slots"):
+        model.embed(layout.tokens)
+    with pytest.raises(ValueError, match="discrete path"):
+        make_system("continuous", code_positions=True)

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from anymodal.benchmark import TASKS, BenchSettings
-from anymodal.generate.settings import ImageSampling, TextSampling
+from anymodal.generate.settings import PARALLEL_STEPS, ImageSampling, TextSampling
 
 console = Console(stderr=True)
 IMAGE, TEXT = ImageSampling(), TextSampling()
@@ -50,8 +50,9 @@ def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_
                    help="code sampling temperature (discrete path; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=IMAGE.top_k, help="code sampling top-k (discrete path; 0 = all)")
     p.add_argument("--parallel-steps", type=int, default=IMAGE.parallel_steps,
-                   help="discrete path: 0 decodes codes one by one (autoregressive); n > 0 decodes all of an "
-                        "image's codes in n parallel steps (bundles trained with parallel_images)")
+                   help="discrete path: n > 0 decodes all of an image's codes in n parallel steps (bundles "
+                        "trained with parallel_images), 0 one by one (autoregressive); default: as the bundle was "
+                        f"trained ({PARALLEL_STEPS} parallel steps for such a bundle, else one by one)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="images sampled together")
 
 

@@ -25,7 +25,7 @@ import torch
 from anymodal.batch import CONTINUOUS_IMAGE
 from anymodal.data.packing import collate_rows
 from anymodal.data.sequence import EncodedDocument
-from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling
+from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling, decoding
 from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
@@ -182,7 +182,8 @@ class Engine:
                 references=self._references(images) if self.config.reference_input else None,
             )
         mask = self._mask() if mask is None else mask
-        h = self.model.embed(self.ids[:, lo:], continuous)  # (R, window, D)
+        slots = self.model.code_slots(self.ids, self.text.boi_id)  # over the whole history: a window is a slice
+        h = self.model.embed(self.ids[:, lo:], continuous, None if slots is None else slots[:, lo:])  # (R, window, D)
         hidden = self.model(h, self.positions[:, lo:], mask, cache=self.cache, write_cache=write)
         self.stats.forwards.append(R * window)
         if write:
@@ -249,7 +250,8 @@ class Engine:
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
         if self.config.image_path == "discrete":
-            if sampling.parallel_steps > 0:
+            sampling = decoding(sampling, self.config)
+            if sampling.parallel_steps:
                 return self._codes_parallel(sampling, scales, generators, on_step)
             return self._codes(sampling, scales, generators, on_step)
         return self._latents(sampling, scales, generators, on_step)

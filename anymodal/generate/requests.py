@@ -32,7 +32,7 @@ import torch
 from anymodal.data.document import Text
 from anymodal.data.images import load_image
 from anymodal.diffusion.schedule import check_sampler
-from anymodal.generate.settings import ImageSampling, TextSampling
+from anymodal.generate.settings import ImageSampling, TextSampling, decoding
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 ImageInput = str | Path | torch.Tensor
@@ -141,7 +141,7 @@ def _image_steps(pipe: Pipeline, sampling: ImageSampling) -> int:
     """Steps one image takes: codes or parallel steps (discrete path), or the sampler's network calls
     (continuous)."""
     if pipe.bundle.image_path == "discrete":
-        return sampling.parallel_steps or pipe.bundle.config.slots
+        return decoding(sampling, pipe.bundle.config).parallel_steps or pipe.bundle.config.slots
     return len(pipe.bundle.objective.make_sampler(sampling.steps, sampling.sampler).timesteps)
 
 
@@ -193,8 +193,9 @@ def _image_room(pipe: Pipeline) -> int:
     return pipe.bundle.config.slots + 2
 
 
-def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> None:
-    """Refuse settings the bundle cannot use, in one sentence, before any work."""
+def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> ImageSampling:
+    """Refuse settings the bundle cannot use, in one sentence, before any work; the settings as the bundle uses
+    them (`decoding`: a parallel bundle's number of parallel steps), which the request's record keeps."""
     if sampling.steps < 1:
         raise ValueError(f"steps={sampling.steps} must be at least 1")
     if sampling.sampler is not None:
@@ -202,6 +203,7 @@ def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> None:
             raise ValueError(f"sampler={sampling.sampler!r} applies to the continuous path; this bundle samples "
                              "image codes (set a temperature instead)")
         check_sampler(pipe.bundle.objective, sampling.sampler)
+    return decoding(sampling, pipe.bundle.config) if pipe.bundle.image_path == "discrete" else sampling
 
 
 def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallback = None) -> list[ImageOutput]:
@@ -212,11 +214,11 @@ def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallba
         raise ValueError(f"num_images={request.num_images} must be at least 1")
     check_texts("prompt", request.prompts)
     check_room(pipe, "prompt", request.prompts, "t2i", _image_room(pipe), "its image")
-    check_image_sampling(pipe, request.sampling)
+    sampling = check_image_sampling(pipe, request.sampling)
     seeds = [request.seed + i for i in range(len(prompts))]
-    on_step = _stepper(pipe, len(prompts), request.batch_size, request.sampling, progress)
-    images = pipe.text_to_image(prompts, seeds, request.sampling, request.batch_size, on_step=on_step)
-    settings = _settings(request.sampling, drop=("image_guidance",))
+    on_step = _stepper(pipe, len(prompts), request.batch_size, sampling, progress)
+    images = pipe.text_to_image(prompts, seeds, sampling, request.batch_size, on_step=on_step)
+    settings = _settings(sampling, drop=("image_guidance",))
     return [ImageOutput(im, {"prompt": p, "seed": s, **settings}) for im, p, s in zip(images, prompts, seeds)]
 
 
@@ -228,12 +230,12 @@ def edit(pipe: Pipeline, request: Edit, progress: ProgressCallback = None) -> li
         raise ValueError("give at least one image and instruction")
     check_texts("instruction", request.instructions)
     check_room(pipe, "instruction", request.instructions, "edit", 2 * _image_room(pipe), "the two images")
-    check_image_sampling(pipe, request.sampling)
+    sampling = check_image_sampling(pipe, request.sampling)
     sources = _load(pipe, request.images)
     seeds = [request.seed + i for i in range(len(sources))]
-    on_step = _stepper(pipe, len(sources), request.batch_size, request.sampling, progress)
-    images = pipe.edit(sources, request.instructions, seeds, request.sampling, request.batch_size, on_step=on_step)
-    settings = _settings(request.sampling)
+    on_step = _stepper(pipe, len(sources), request.batch_size, sampling, progress)
+    images = pipe.edit(sources, request.instructions, seeds, sampling, request.batch_size, on_step=on_step)
+    settings = _settings(sampling)
     return [ImageOutput(im, {"image": _name(src), "instruction": t, "seed": s, **settings})
             for im, src, t, s in zip(images, request.images, request.instructions, seeds)]
 
@@ -295,12 +297,12 @@ def story(pipe: Pipeline, request: Story, progress: ProgressCallback = None,
     check_room(pipe, "prompt", [request.prompt], "story", 1, "the story")
     if request.max_images < 0:
         raise ValueError(f"max_images={request.max_images} must be >= 0")
-    check_image_sampling(pipe, request.sampling)
-    on_step = _stepper(pipe, max(1, request.max_images), 1, request.sampling, progress)
-    steps = pipe.story(request.prompt, seed=request.seed, max_images=request.max_images, sampling=request.sampling,
+    sampling = check_image_sampling(pipe, request.sampling)
+    on_step = _stepper(pipe, max(1, request.max_images), 1, sampling, progress)
+    steps = pipe.story(request.prompt, seed=request.seed, max_images=request.max_images, sampling=sampling,
                        text_sampling=request.text_sampling, on_step=on_step, on_piece=on_piece)
     record = {"prompt": request.prompt, "seed": request.seed, "max_images": request.max_images,
-              **_settings(request.sampling, drop=("image_guidance",)), "text": _settings(request.text_sampling)}
+              **_settings(sampling, drop=("image_guidance",)), "text": _settings(request.text_sampling)}
     return StoryOutput(steps, record)
 
 
@@ -314,7 +316,7 @@ def command_line(task: str, checkpoint: str, record: dict[str, Any], out: str = 
              "max_images": "--max-images"}
     for key, flag in flags.items():
         value = record.get(key)
-        if value is None or (key == "image_guidance" and task != "edit") or (key == "parallel_steps" and not value) or (
+        if value is None or (key == "image_guidance" and task != "edit") or (
                 task in ("caption", "vqa") and key in ("steps", "guidance", "sampler")):
             continue
         args += [flag, str(value)]

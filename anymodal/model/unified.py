@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anymodal.config import ArchConfig
+from anymodal.layout import code_slots
 from anymodal.masks import AttentionMask
 from anymodal.model.cache import KVCache
 from anymodal.model.decoder import Decoder
@@ -47,6 +48,11 @@ class ModelConfig:
     reference_input: bool = False
     """Continuous path: each image's patches also read the patches of the image before it in the document (an
     edit's source, a story's previous picture) at the same slot, through their own projection (`ref_in`)."""
+    code_positions: bool = False
+    """Discrete path: `<boi>` and each code of an image add a learned embedding of their slot in the image
+    (`code_pos`, slots + 1 rows), as continuous patches add `patch_pos`: where a code sits on the grid is then in
+    its input, not only in RoPE's relative offsets (runs of background codes look alike). Slots come from
+    `anymodal.layout.code_slots`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):
@@ -57,6 +63,9 @@ class ModelConfig:
             raise ValueError("the discrete path needs codebook_size > 0 (the image tokenizer's codebook)")
         if self.mask_code and self.image_path != "discrete":
             raise ValueError("mask_code belongs to the discrete path (parallel decoding of image codes)")
+        if self.code_positions and self.image_path != "discrete":
+            raise ValueError("code_positions belongs to the discrete path (image codes); continuous patches have "
+                             "their learned positions already")
         if self.reference_input and self.image_path != "continuous":
             raise ValueError("reference_input belongs to the continuous path (latent patches); the discrete path "
                              "reads earlier images through attention only")
@@ -101,7 +110,8 @@ class ModelConfig:
 
 
 def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, image_size: int,
-                       patch_size: int = 2, reference_input: bool = False, mask_code: bool = False) -> ModelConfig:
+                       patch_size: int = 2, reference_input: bool = False, mask_code: bool = False,
+                       code_positions: bool = False) -> ModelConfig:
     """The unified model over `image_tokenizer` (a VQ-VAE: discrete path; a VAE: continuous) at `image_size` px.
 
     The grid comes from the tokenizer, so the image size is stated once; a size it cannot tile is refused."""
@@ -110,7 +120,11 @@ def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, 
     grid = image_tokenizer.grid(image_size)[0]
     if tokenizer_kind(image_tokenizer) == "vqvae":
         return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="discrete",
-                           codebook_size=image_tokenizer.codebook_size, grid=grid, mask_code=mask_code)
+                           codebook_size=image_tokenizer.codebook_size, grid=grid, mask_code=mask_code,
+                           code_positions=code_positions)
+    if code_positions:
+        raise ValueError("code_positions belongs to the discrete path; this image tokenizer is a VAE (continuous "
+                         "latents), whose patches have learned positions already")
     return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="continuous",
                        latent_channels=image_tokenizer.latent_channels, grid=grid, patch_size=patch_size,
                        reference_input=reference_input)
@@ -157,12 +171,24 @@ class UnifiedModel(nn.Module):
             if config.reference_input:  # starts silent: a reference adds nothing until training finds it useful
                 self.ref_in = nn.Linear(config.patch_dim, arch.dim, bias=False)
                 self.ref_in.apply(lambda module: nn.init.zeros_(module.weight))
+        if config.code_positions:  # <boi> is slot 0, the image's codes 1..slots
+            self.code_pos = nn.Parameter(torch.randn(config.slots + 1, arch.dim) * arch.init_std)
 
-    def embed(self, tokens: torch.Tensor, continuous: ContinuousInput | None = None) -> torch.Tensor:
-        """Input embeddings (B, T, D): token embeddings, with continuous patches written into their slots."""
+    def embed(self, tokens: torch.Tensor, continuous: ContinuousInput | None = None,
+              code_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, D): token embeddings, with continuous patches written into their slots.
+
+        code_slots: (B, T) slot of each token in its discrete image (`anymodal.layout.code_slots`, -1 outside
+        images); read by a model with `code_positions` only."""
         h = self.embed_tokens(tokens)  # (B, T, D)
         if self.config.arch.embed_scale:  # Gemma: sqrt(dim), rounded to the activations' dtype as there
             h = h * torch.tensor(self.config.arch.dim**0.5, dtype=h.dtype)
+        if self.config.code_positions:
+            if code_slots is None or code_slots.shape != tokens.shape:
+                raise ValueError("this model adds each code's slot in its image (code_positions); pass code_slots "
+                                 "(anymodal.layout.code_slots) of the tokens' shape")
+            inside = (code_slots >= 0)[..., None].to(h.dtype)
+            h = h + self.code_pos[code_slots.clamp_min(0)].to(h.dtype) * inside
         if continuous is None or continuous.slots.numel() == 0:
             return h
         B, T, D = h.shape
@@ -176,6 +202,13 @@ class UnifiedModel(nn.Module):
                                  "ContinuousInput.references (zeros where an image has none)")
             x = x + self.ref_in(patchify(continuous.references.to(h.dtype), p))  # same slot, same place
         return h.reshape(B * T, D).index_copy(0, continuous.slots.reshape(-1), x.reshape(-1, D)).view(B, T, D)
+
+    def code_slots(self, tokens: torch.Tensor, boi_id: int) -> torch.Tensor | None:
+        """What `embed` takes as code_slots for `tokens` (B, T): None unless the model has `code_positions`."""
+        c = self.config
+        if not c.code_positions:
+            return None
+        return code_slots(tokens, boi_id, c.code_offset, c.codebook_size + c.mask_code, c.slots)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
                 cache: KVCache | None = None, write_cache: bool = True) -> torch.Tensor:

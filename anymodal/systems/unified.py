@@ -53,6 +53,7 @@ class UnifiedSystem(LightningModule):
         parallel_images: float = 0.0,
         context_policy: Literal["clean_and_noised", "shared"] = "clean_and_noised",
         reference_input: bool = False,
+        code_positions: bool = False,
         lr: float = 1e-3,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
@@ -99,6 +100,9 @@ class UnifiedSystem(LightningModule):
                 clean patches of the image before it in the document at the same slot (an edit's source, a
                 story's previous picture), so what an edit keeps is copied in place rather than found by
                 attention. Off: the Transfusion model as published.
+            code_positions: discrete path: `<boi>` and each code add a learned embedding of their slot in the image
+                (`code_pos`), as continuous patches add theirs; off, a code knows where it sits on the grid only
+                through RoPE's relative offsets, though runs of background codes look alike.
             lr: peak learning rate of AdamW.
             min_lr_ratio: final learning rate of the cosine decay, as a fraction of lr.
             warmup_steps: linear warm-up steps.
@@ -165,7 +169,7 @@ class UnifiedSystem(LightningModule):
                            f"{arch.n_layers} layers, {arch.n_heads} heads; its tokenizer gains "
                            f"{', '.join(self.text.added) or 'nothing'}")
             return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size,
-                                      hp.reference_input, hp.parallel_images > 0)
+                                      hp.reference_input, hp.parallel_images > 0, hp.code_positions)
         arch = ArchConfig.from_name(hp.size, **(hp.arch or {}))
         changed = {k: v for k, v in (hp.arch or {}).items() if getattr(SIZES[hp.size], k) != v}
         if changed:
@@ -173,7 +177,7 @@ class UnifiedSystem(LightningModule):
             rank_zero_info(f"model size {hp.size!r} with the recipe's arch overrides {shape}: trains a decoder of "
                            f"dim {arch.dim}, {arch.n_layers} layers, {arch.n_heads} heads")
         return build_model_config(arch, len(self.text), self.image_spec, hp.image_size, hp.patch_size,
-                                  hp.reference_input, hp.parallel_images > 0)
+                                  hp.reference_input, hp.parallel_images > 0, hp.code_positions)
 
     @property
     def image_tokenizer(self):
@@ -287,7 +291,8 @@ class UnifiedSystem(LightningModule):
             references = reference_latents(latents, batch.reference_index()) if model.config.reference_input else None
             continuous = ContinuousInput(layout.continuous_slots, x, timesteps, references)
         decoder = self._compiled[0] if self._compiled and model is self.model and model.training else model.decoder
-        hidden = decoder(model.embed(layout.tokens, continuous), layout.positions, mask)  # (B, T, D)
+        h = model.embed(layout.tokens, continuous, model.code_slots(layout.tokens, self.text.boi_id))
+        hidden = decoder(h, layout.positions, mask)  # (B, T, D)
         targets = targets2d.reshape(-1)
         pos = trained_positions(targets2d)
         logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[pos])  # (K, V)
@@ -370,12 +375,12 @@ class UnifiedSystem(LightningModule):
             if not p.requires_grad:
                 continue
             lr = hp.lr
-            if hp.new_rows_lr is not None and name.startswith(("patch_in.", "patch_out.", "time_embed.", "patch_pos")):
+            if hp.new_rows_lr is not None and name.startswith(("patch_in.", "patch_out.", "time_embed.", "patch_pos", "code_pos")):
                 lr = hp.new_rows_lr
             elif hp.new_rows_lr is not None and id(p) in tokens:
                 lr = max(hp.lr, hp.new_rows_lr)
             shape = getattr(p, "ds_shape", p.shape)  # a weight ZeRO-3 shards has shape (0,); ds_shape is its own
-            decay = len(shape) >= 2 and "patch_pos" not in name and not (hp.freeze_text and id(p) in tokens)
+            decay = len(shape) >= 2 and name not in ("patch_pos", "code_pos") and not (hp.freeze_text and id(p) in tokens)
             groups.setdefault((lr, decay), []).append(p)
         return [{"params": params, "lr": lr, "weight_decay": hp.weight_decay if decay else 0.0}
                 for (lr, decay), params in groups.items()]
