@@ -225,6 +225,21 @@ def test_the_api_gives_what_the_requests_give(client, folders, images):
     assert record["answer"] == text and "--question 'how many?'" in line
 
 
+def test_the_decoding_of_a_discrete_bundle_is_chosen_on_the_page(client):
+    """Left unset, the calls above decode as the bundle was trained; asked for, one code per forward is on the
+    record, and parallel steps from a bundle trained without parallel images are one sentence."""
+    from gradio_client.exceptions import AppError
+
+    _, records, _ = client.predict("discrete", "a red circle.", 1, 3, 3.0, 0, "one code per forward",
+                                   api_name="/text_to_image")
+    assert records[0]["parallel_steps"] is None  # autoregressive: the only way this bundle decodes
+    with pytest.raises(AppError) as error:
+        client.predict("discrete", "a red circle.", 1, 3, 3.0, 0, "4 parallel steps", api_name="/text_to_image")
+    assert "trained without parallel_images" in str(error.value) and "Traceback" not in str(error.value)
+    with pytest.raises(AppError, match="is not in the list of choices"):
+        client.predict("discrete", "a red circle.", 1, 3, 3.0, 0, "fast please", api_name="/text_to_image")
+
+
 def test_a_story_streams_through_the_api(client):
     job = client.submit("continuous", "a red circle.", 1, 2, 3.0, 0, api_name="/story")
     html, record, line = job.result()

@@ -37,6 +37,10 @@ from anymodal.generate.tasks import Pipeline, StoryStep
 
 IMAGE = ImageSampling()
 STORY = requests.Story(prompt="")
+DECODING = {"as trained": None, "one code per forward": 0, "4 parallel steps": 4, "8 parallel steps": 8,
+            "16 parallel steps": 16}
+"""How a discrete bundle decodes an image's codes (`ImageSampling.parallel_steps`): as it was trained (parallel
+for a bundle trained with parallel_images), autoregressively, or in n parallel steps."""
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
 #t2i-images .gallery-item { max-width: 320px; }
@@ -143,9 +147,12 @@ class App:
         pipe = self.pipelines[name]
         return pipe, pipe.bundle.folder or name
 
-    def _image_sampling(self, steps: float, guidance: float, image_guidance: float | None = None) -> ImageSampling:
+    def _image_sampling(self, steps: float, guidance: float, image_guidance: float | None = None,
+                        decoding: str = "as trained") -> ImageSampling:
+        # `decoding` is one of DECODING: the page's dropdown refuses any other value in one sentence
         return ImageSampling(steps=_integer("steps", steps, 1, self.settings.max_steps), guidance=float(guidance),
-                             image_guidance=IMAGE.image_guidance if image_guidance is None else float(image_guidance))
+                             image_guidance=IMAGE.image_guidance if image_guidance is None else float(image_guidance),
+                             parallel_steps=DECODING[decoding])
 
     def describe(self, name: str) -> str:
         pipe, folder = self._pipeline(name)
@@ -155,10 +162,11 @@ class App:
 
     # one handler per tab: inputs -> request -> page values (output, settings records, command lines)
     def text_to_image(self, bundle: str, prompt: str, num_images: float, steps: float, guidance: float,
-                      seed: float | None, progress=gr.Progress()):
+                      seed: float | None, decoding: str = "as trained", progress=gr.Progress()):
         pipe, folder = self._pipeline(bundle)
         n = _integer("number of images", num_images, 1, self.settings.max_images)
-        request = requests.TextToImage([prompt], n, int(seed or 0), self._image_sampling(steps, guidance))
+        request = requests.TextToImage([prompt], n, int(seed or 0),
+                                       self._image_sampling(steps, guidance, decoding=decoding))
         with _page_errors():
             outputs = requests.text_to_image(pipe, request, _report(progress, "denoising"))
         records = [o.record for o in outputs]
@@ -166,12 +174,12 @@ class App:
         return gallery, records, "\n".join(requests.command_line("t2i", folder, r) for r in records)
 
     def edit(self, bundle: str, image: str | None, instruction: str, steps: float, guidance: float,
-             image_guidance: float, seed: float | None, progress=gr.Progress()):
+             image_guidance: float, seed: float | None, decoding: str = "as trained", progress=gr.Progress()):
         pipe, folder = self._pipeline(bundle)
         if not image:
             raise gr.Error("upload an image to edit", print_exception=False)
         request = requests.Edit([image], [instruction], int(seed or 0),
-                                self._image_sampling(steps, guidance, image_guidance))
+                                self._image_sampling(steps, guidance, image_guidance, decoding))
         with _page_errors([image]):
             out = requests.edit(pipe, request, _report(progress, "denoising"))[0]
         record = _shown(out.record, image)
@@ -197,11 +205,11 @@ class App:
         return out.text, record, requests.command_line("vqa", folder, record)
 
     def story(self, bundle: str, prompt: str, max_images: float, steps: float, guidance: float,
-              seed: float | None, progress=gr.Progress()):
+              seed: float | None, decoding: str = "as trained", progress=gr.Progress()):
         """Yields the story as it grows: the request runs in a thread and hands each piece over a queue."""
         pipe, folder = self._pipeline(bundle)
         most = _integer("most images", max_images, 0, self.settings.max_story_images)
-        request = requests.Story(prompt, int(seed or 0), most, self._image_sampling(steps, guidance))
+        request = requests.Story(prompt, int(seed or 0), most, self._image_sampling(steps, guidance, decoding=decoding))
         pieces: queue.Queue = queue.Queue()
         stop = threading.Event()
         report = _report(progress, "denoising")
@@ -262,19 +270,22 @@ class App:
             def guidance(label: str = "guidance", value: float = IMAGE.guidance) -> gr.Slider:
                 return gr.Slider(0.0, 10.0, value=value, step=0.1, label=label)
 
+            def decoding() -> gr.Dropdown:
+                return gr.Dropdown(list(DECODING), value="as trained", label="decoding (discrete bundles)")
+
             with gr.Tab("text to image"):
                 with gr.Row():
                     with gr.Column():
                         prompt = gr.Textbox(label="prompt", placeholder="a red circle at the center.", lines=2)
                         n = gr.Slider(1, s.max_images, value=1, step=1, label="number of images")
                         steps, seed = steps_and_seed()
-                        cfg = guidance()
+                        cfg, codes = guidance(), decoding()
                         go = gr.Button("generate", variant="primary")
                     with gr.Column():
                         gallery = gr.Gallery(label="images", columns=4, height=360, object_fit="contain", format="png",
                                              elem_classes="pixelated", elem_id="t2i-images")
                         record, line = reproduce()
-                go.click(self.text_to_image, [bundle, prompt, n, steps, cfg, seed], [gallery, record, line],
+                go.click(self.text_to_image, [bundle, prompt, n, steps, cfg, seed, codes], [gallery, record, line],
                          api_name="text_to_image", show_progress_on=gallery, **run)
 
             with gr.Tab("edit"):
@@ -287,10 +298,11 @@ class App:
                         instruction = gr.Textbox(label="instruction", placeholder="make the red circle blue.")
                         steps, seed = steps_and_seed()
                         cfg, cfg_image = guidance("text guidance"), guidance("image guidance", IMAGE.image_guidance)
+                        codes = decoding()
                         go = gr.Button("edit", variant="primary")
                     with gr.Column():
                         record, line = reproduce()
-                go.click(self.edit, [bundle, source, instruction, steps, cfg, cfg_image, seed], [edited, record, line],
+                go.click(self.edit, [bundle, source, instruction, steps, cfg, cfg_image, seed, codes], [edited, record, line],
                          api_name="edit", show_progress_on=edited, **run)
 
             with gr.Tab("caption"):
@@ -325,12 +337,12 @@ class App:
                         most = gr.Slider(0, s.max_story_images, value=min(STORY.max_images, s.max_story_images),
                                          step=1, label="most images")
                         steps, seed = steps_and_seed()
-                        cfg = guidance()
+                        cfg, codes = guidance(), decoding()
                         go = gr.Button("write", variant="primary")
                     with gr.Column():
                         page = gr.HTML(label="story", elem_id="story")
                         record, line = reproduce()
-                go.click(self.story, [bundle, prompt, most, steps, cfg, seed], [page, record, line],
+                go.click(self.story, [bundle, prompt, most, steps, cfg, seed, codes], [page, record, line],
                          api_name="story", show_progress_on=page, **run)
         return demo.queue(max_size=s.queue_size, default_concurrency_limit=s.concurrency)
 
