@@ -105,12 +105,11 @@ def main() -> None:
                       "-" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.3f}",
                       f"{r['cuda_max_allocated_mib']:.0f}", f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}")
     Console(width=160).print(table)
-    ratios = {}
+    ratios, by = {}, {r["label"]: r for r in results}
     for a, b in (("shapes continuous bf16 sdpa", "shapes continuous fp32 sdpa"),
                  ("shapes continuous bf16 flex", "shapes continuous bf16 sdpa"),
                  ("shapes discrete bf16 flex", "shapes discrete bf16 sdpa"),
                  ("1b continuous bf16 flex", "1b continuous bf16 sdpa")):
-        by = {r["label"]: r for r in results}
         if a in by and b in by:
             ratios[f"{a} / {b}"] = by[a]["tokens_per_s"] / by[b]["tokens_per_s"]
             print(f"tokens/s {a} / {b}: {ratios[f'{a} / {b}']:.2f}", file=sys.stderr)

@@ -138,10 +138,10 @@ def _name(image: ImageInput) -> str:
 
 
 def _image_steps(pipe: Pipeline, sampling: ImageSampling) -> int:
-    """Steps one image takes: codes or parallel steps (discrete path), or the sampler's network calls
-    (continuous)."""
+    """Steps one image takes: codes or parallel steps (discrete path; `sampling` as `check_image_sampling`
+    returns it), or the sampler's network calls (continuous)."""
     if pipe.bundle.image_path == "discrete":
-        return decoding(sampling, pipe.bundle.config).parallel_steps or pipe.bundle.config.slots
+        return sampling.parallel_steps or pipe.bundle.config.slots
     return len(pipe.bundle.objective.make_sampler(sampling.steps, sampling.sampler).timesteps)
 
 

@@ -67,7 +67,7 @@ def decoding(sampling: ImageSampling, config) -> ImageSampling:
     (autoregressive) for any other bundle asked for None or 0. A positive number stays as asked, so a bundle
     that cannot decode in parallel refuses it in one sentence."""
     steps = sampling.parallel_steps
-    if getattr(config, "mask_code", False):
+    if config.mask_code:
         steps = PARALLEL_STEPS if steps is None else steps
     elif not steps:
         steps = None

@@ -122,12 +122,9 @@ def build_model_config(arch: ArchConfig, text_vocab_size: int, image_tokenizer, 
         return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="discrete",
                            codebook_size=image_tokenizer.codebook_size, grid=grid, mask_code=mask_code,
                            code_positions=code_positions)
-    if code_positions:
-        raise ValueError("code_positions belongs to the discrete path; this image tokenizer is a VAE (continuous "
-                         "latents), whose patches have learned positions already")
     return ModelConfig(arch=arch, text_vocab_size=text_vocab_size, image_path="continuous",
                        latent_channels=image_tokenizer.latent_channels, grid=grid, patch_size=patch_size,
-                       reference_input=reference_input)
+                       reference_input=reference_input, code_positions=code_positions)
 
 
 @dataclass
