@@ -146,6 +146,27 @@ def test_parallel_decoding_is_seeded_and_refused_without_a_mask_id(make_system):
         make_system("continuous", parallel_images=0.5)
 
 
+@pytest.mark.parametrize("steps", [0, 4])
+def test_keep_source_holds_an_edit_to_its_source_codes(make_system, steps):
+    """A large `keep_source` copies the source's codes into every slot, autoregressive (0) or parallel; 0 leaves
+    the untrained model's draw as it was; without a source (text to image) it changes nothing."""
+    system = make_system("discrete", parallel_images=0.5)
+    model = system.model.eval()
+    doc = encoded_documents(system, ["edit"])[0]
+    prompt = system.encoder.encode_prompt(Document(doc.segments[:-1], "edit"))
+    source = doc.segments[0].codes  # (g, g)
+
+    def draw(keep: float, src=source[None]) -> torch.Tensor:
+        engine = Engine(model, system.text)
+        engine.start([prompt])
+        sampling = ImageSampling(parallel_steps=steps, temperature=1.0, keep_source=keep)
+        return engine.generate_image(sampling, [], [torch.Generator().manual_seed(3)], source=src)[0]
+
+    free = draw(0.0)
+    assert torch.equal(draw(1e4), source) and not torch.equal(free, source)
+    assert torch.equal(draw(3.0, src=None), free)
+
+
 def test_the_recipe_trains_a_parallel_bundle_that_the_commands_sample(tokenizer_dirs, tmp_path, monkeypatch):
     """The chameleon recipe with parallel_images through `anymodal fit`, `export`, then `generate t2i
     --parallel-steps`: the image is written, progress counts parallel steps, and the record's command line asks

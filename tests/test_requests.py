@@ -113,6 +113,24 @@ def test_the_command_line_of_a_record_parses_back_to_its_settings(continuous):
     assert ns.seed == 3 and ns.prompt == ["a red circle."] and ns.checkpoint == "bundles/x"
 
 
+def test_discrete_edits_record_keep_source_and_refuse_a_negative_one(make_system, tmp_path):
+    pipe = Pipeline(_bundle(make_system, tmp_path, "discrete"))
+    image = _png(tmp_path / "red.png", SIZE["discrete"])
+    ask = lambda keep: requests.edit(pipe, requests.Edit(  # noqa: E731
+        [image], ["make it blue."], sampling=ImageSampling(keep_source=keep)))[0]
+    out = ask(1e4)  # the source's codes in every slot: its image again, as the tokenizer decodes it
+    assert out.record["keep_source"] == 1e4
+    src = pipe.encode_image(torch.from_numpy(np.asarray(PILImage.open(image), np.float32) / 255).permute(2, 0, 1))
+    assert np.array_equal(out.image, pipe.decode_images(src.codes[None])[0])
+    line = requests.command_line("edit", "bundles/x", out.record)
+    assert image_sampling(build_parser().parse_args(shlex.split(line)[1:])).keep_source == 1e4
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="keep_source=.* must be a finite number >= 0"):
+            ask(bad)
+    t2i = requests.text_to_image(pipe, requests.TextToImage(["a red circle."]))[0]
+    assert "keep_source" not in t2i.record and "--keep-source" not in requests.command_line("t2i", "x", t2i.record)
+
+
 def test_generate_commands_write_what_the_requests_return(continuous, tmp_path, capsys):
     folder = continuous.folder
     main(["generate", "t2i", "--checkpoint", folder, "--prompt", "a red circle.", "--num-images", "2",

@@ -41,6 +41,9 @@ def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_
     if edits:
         p.add_argument("--image-guidance", "--cfg-image", type=float, default=IMAGE.image_guidance,
                        help="guidance scale of the source image (1 = off)")
+        p.add_argument("--keep-source", type=float, default=IMAGE.keep_source,
+                       help="discrete path: log-probability added to each slot's source code, so what the "
+                            "instruction does not name stays (0 = none)")
     p.add_argument("--guidance-interval", "--cfg-interval", type=float, nargs=2, default=IMAGE.guidance_interval,
                    metavar=("LO", "HI"), help="apply guidance only on this fraction of the trajectory")
     p.add_argument("--sampler", default=IMAGE.sampler,
@@ -126,6 +129,7 @@ def add_eval_shapes_parser(which: argparse._SubParsersAction) -> None:
 def image_sampling(ns: argparse.Namespace) -> ImageSampling:
     return ImageSampling(steps=ns.steps, guidance=ns.guidance,
                          image_guidance=getattr(ns, "image_guidance", IMAGE.image_guidance),
+                         keep_source=getattr(ns, "keep_source", IMAGE.keep_source),
                          guidance_interval=tuple(ns.guidance_interval), sampler=ns.sampler,
                          temperature=ns.temperature, top_k=ns.top_k, parallel_steps=ns.parallel_steps)
 

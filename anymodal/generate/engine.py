@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from anymodal.batch import CONTINUOUS_IMAGE
 from anymodal.data.packing import collate_rows
@@ -241,32 +242,43 @@ class Engine:
     # ------------------------------------------------------------------ images
     @torch.no_grad()
     def generate_image(self, sampling: ImageSampling, scales: list[float],
-                       generators: list[torch.Generator] | None = None, on_step: StepCallback = None) -> torch.Tensor:
+                       generators: list[torch.Generator] | None = None, on_step: StepCallback = None,
+                       source: torch.Tensor | None = None) -> torch.Tensor:
         """`<boi>` + one image per conditional row + `<eoi>`: codes (B, h, w) or latents (B, C, h, w).
 
-        `on_step(done, total)` is called after every denoising step (continuous) or code (discrete)."""
+        `on_step(done, total)` is called after every denoising step (continuous) or code (discrete). `source`:
+        the codes (B, h, w) of the image an edit changes (discrete path); each slot's source code gains
+        `sampling.keep_source` of log-probability."""
         if len(scales) != self.branches - 1:
             raise ValueError(f"{self.branches} branches need {self.branches - 1} guidance scales, got {scales}")
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
         if self.config.image_path == "discrete":
             sampling = decoding(sampling, self.config)
+            prior = None
+            if source is not None and sampling.keep_source:
+                K = self.config.codebook_size
+                prior = sampling.keep_source * F.one_hot(source.reshape(self.B, -1).to(self.device), K).float()
             if sampling.parallel_steps:
-                return self._codes_parallel(sampling, scales, generators, on_step)
-            return self._codes(sampling, scales, generators, on_step)
+                return self._codes_parallel(sampling, scales, generators, on_step, prior)
+            return self._codes(sampling, scales, generators, on_step, prior)
         return self._latents(sampling, scales, generators, on_step)
 
     def _in_interval(self, i: int, n: int, sampling: ImageSampling) -> bool:
         lo, hi = sampling.guidance_interval
         return lo <= i / n < hi  # step i of n (i < n) sits at fraction i / n of the trajectory
 
-    def _codes(self, sampling: ImageSampling, scales: list[float], generators, on_step: StepCallback) -> torch.Tensor:
+    def _codes(self, sampling: ImageSampling, scales: list[float], generators, on_step: StepCallback,
+               prior: torch.Tensor | None = None) -> torch.Tensor:
+        """One code per forward; `prior` (B, slots, K): log-probability added to each slot's codes."""
         config, N, K = self.config, self.config.slots, self.config.codebook_size
         codes = []
         for i in range(N):
             logits = self.model.logits(self.last_hidden).float()[:, config.code_offset:config.code_offset + K]  # (R, K)
             logp = logits.log_softmax(-1).view(self.branches, self.B, -1)
             guided = guide(logp, scales if self._in_interval(i, N, sampling) else [1.0] * len(scales))
+            if prior is not None:
+                guided = guided + prior[:, i]
             code = sample_logits(guided, sampling.temperature, sampling.top_k, 1.0, generators)  # (B,)
             codes.append(code)
             ids = self._branch_tokens(code + config.code_offset)
@@ -280,10 +292,10 @@ class Engine:
         return torch.stack(codes, 1).view(self.B, g, g)
 
     def _codes_parallel(self, sampling: ImageSampling, scales: list[float], generators,
-                        on_step: StepCallback) -> torch.Tensor:
+                        on_step: StepCallback, prior: torch.Tensor | None = None) -> torch.Tensor:
         """All code slots at once, masked, then `parallel_steps` forwards that each fix the most confident of
         their sampled codes (anymodal.parallel.known_after); the slots attend to each other both ways, as the
-        bundle's parallel training saw them."""
+        bundle's parallel training saw them. `prior` as in `_codes`."""
         config, R, L, K = self.config, self.ids.shape[0], self.config.slots, self.config.codebook_size
         steps = sampling.parallel_steps
         if steps > L:
@@ -301,6 +313,8 @@ class Engine:
             logits = self.model.logits(hidden).float()[..., config.code_offset:config.code_offset + K]  # (R, L, K)
             logp = logits.log_softmax(-1).view(self.branches, self.B, L, K)
             guided = guide(logp, scales if self._in_interval(i, steps, sampling) else [1.0] * len(scales))
+            if prior is not None:
+                guided = guided + prior
             drawn = sample_logits(guided, sampling.temperature, sampling.top_k, 1.0, generators)  # (B, L)
             confidence = guided.log_softmax(-1).gather(2, drawn[..., None])[..., 0]  # (B, L)
             confidence = confidence.masked_fill(known, float("inf"))  # fixed codes stay fixed

@@ -198,6 +198,8 @@ def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> ImageSampli
     them (`decoding`: a parallel bundle's number of parallel steps), which the request's record keeps."""
     if sampling.steps < 1:
         raise ValueError(f"steps={sampling.steps} must be at least 1")
+    if not 0 <= sampling.keep_source < float("inf"):
+        raise ValueError(f"keep_source={sampling.keep_source} must be a finite number >= 0")
     if sampling.sampler is not None:
         if pipe.bundle.image_path == "discrete":
             raise ValueError(f"sampler={sampling.sampler!r} applies to the continuous path; this bundle samples "
@@ -218,7 +220,7 @@ def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallba
     seeds = [request.seed + i for i in range(len(prompts))]
     on_step = _stepper(pipe, len(prompts), request.batch_size, sampling, progress)
     images = pipe.text_to_image(prompts, seeds, sampling, request.batch_size, on_step=on_step)
-    settings = _settings(sampling, drop=("image_guidance",))
+    settings = _settings(sampling, drop=("image_guidance", "keep_source"))
     return [ImageOutput(im, {"prompt": p, "seed": s, **settings}) for im, p, s in zip(images, prompts, seeds)]
 
 
@@ -235,7 +237,7 @@ def edit(pipe: Pipeline, request: Edit, progress: ProgressCallback = None) -> li
     seeds = [request.seed + i for i in range(len(sources))]
     on_step = _stepper(pipe, len(sources), request.batch_size, sampling, progress)
     images = pipe.edit(sources, request.instructions, seeds, sampling, request.batch_size, on_step=on_step)
-    settings = _settings(sampling)
+    settings = _settings(sampling, drop=() if pipe.bundle.image_path == "discrete" else ("keep_source",))
     return [ImageOutput(im, {"image": _name(src), "instruction": t, "seed": s, **settings})
             for im, src, t, s in zip(images, request.images, request.instructions, seeds)]
 
@@ -302,7 +304,7 @@ def story(pipe: Pipeline, request: Story, progress: ProgressCallback = None,
     steps = pipe.story(request.prompt, seed=request.seed, max_images=request.max_images, sampling=sampling,
                        text_sampling=request.text_sampling, on_step=on_step, on_piece=on_piece)
     record = {"prompt": request.prompt, "seed": request.seed, "max_images": request.max_images,
-              **_settings(sampling, drop=("image_guidance",)), "text": _settings(request.text_sampling)}
+              **_settings(sampling, drop=("image_guidance", "keep_source")), "text": _settings(request.text_sampling)}
     return StoryOutput(steps, record)
 
 
@@ -311,12 +313,13 @@ def command_line(task: str, checkpoint: str, record: dict[str, Any], out: str = 
     args = ["anymodal", "generate", task, "--checkpoint", checkpoint]
     flags = {"prompt": "--prompt", "instruction": "--instruction", "image": "--image", "question": "--question",
              "seed": "--seed", "steps": "--steps", "guidance": "--guidance", "image_guidance": "--image-guidance",
+             "keep_source": "--keep-source",
              "temperature": "--temperature", "top_k": "--top-k", "parallel_steps": "--parallel-steps",
              "sampler": "--sampler",
              "max_images": "--max-images"}
     for key, flag in flags.items():
         value = record.get(key)
-        if value is None or (key == "image_guidance" and task != "edit") or (
+        if value is None or (key in ("image_guidance", "keep_source") and task != "edit") or (
                 task in ("caption", "vqa") and key in ("steps", "guidance", "sampler")):
             continue
         args += [flag, str(value)]
