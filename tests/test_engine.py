@@ -10,7 +10,16 @@ from PIL import Image as PILImage
 from anymodal.checkpoint import Bundle, BundleError, load_bundle, save_bundle
 from anymodal.data.document import Image, Text
 from anymodal.data.images import BadImage, load_image
-from anymodal.generate.engine import Engine, ImageSampling, TextSampling, guide, sample_logits
+from anymodal.diffusion.schedule import build_objective
+from anymodal.generate import engine as engine_module
+from anymodal.generate.engine import (
+    Engine,
+    ImageSampling,
+    TextSampling,
+    guide,
+    keep_near_source,
+    sample_logits,
+)
 from anymodal.generate.tasks import Pipeline
 
 # Discrete bundles use 12-pixel images (3x3 = 9 codes) so that the uncached reference stays fast.
@@ -160,6 +169,52 @@ def test_continuous_image_cached_equals_uncached_and_text_follows(continuous):
     assert not torch.allclose(latents[0][0], latents[0][1])  # different seeds and prompts
     torch.testing.assert_close(after[0], after[1], atol=1e-5, rtol=1e-5)
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("name", ["flow", "ddpm"])
+def test_clean_and_prediction_invert_each_other_and_read_training_noise_back(name):
+    objective = build_objective(name)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=gen)
+    noised = objective.noise(x0, gen)
+    for i in range(3):  # the training target is the prediction that implies x0
+        t = noised.timesteps[i].round() if name == "ddpm" else noised.timesteps[i]
+        x_t, target = noised.x_t[i], noised.target[i]
+        torch.testing.assert_close(objective.clean(x_t, target, t), x0[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(objective.prediction_for(x_t, x0[i], t), target, atol=1e-3, rtol=1e-3)
+
+
+def test_keep_near_source_pulls_only_where_the_prediction_lies_near_the_source():
+    objective = build_objective("flow")
+    gen = torch.Generator().manual_seed(0)
+    source, x = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    near = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    near[..., :4] = True  # the left half of the predicted latents lies 0.1 from the source, the right half 5 away
+    x0 = source + torch.where(near, 0.1, 5.0)
+    t = 600.0
+    x0_kept = objective.clean(x, keep_near_source(objective, x, objective.prediction_for(x, x0, t), t, source, 0.5), t)
+    moved = (x0 - x0_kept).abs()
+    pull = 0.5 * np.exp(-(0.1 / engine_module.KEEP_RADIUS) ** 2)
+    torch.testing.assert_close(x0_kept[..., :4], (x0 + pull * (source - x0))[..., :4])
+    assert moved[..., 4:].max() < 1e-3  # 5 away: left as predicted
+
+
+def test_a_continuous_edit_held_fully_to_its_source_returns_the_source(continuous, monkeypatch):
+    """keep_source 1 with a radius that reaches everywhere: every step's clean latents are the source's, so the
+    edit returns them; 0 leaves the random model's draw."""
+    pipe = Pipeline(continuous)
+    src = _source_image(pipe, 3)
+    prompt = pipe.prompt([src, Text("make it blue.")], "edit")
+
+    def draw(keep: float) -> torch.Tensor:
+        engine = _engine(continuous, True)
+        engine.start([prompt])
+        return engine.generate_image(ImageSampling(steps=5, keep_source=keep), [], _gens(1), source=src.latents[None])
+
+    free = draw(0.0)
+    monkeypatch.setattr(engine_module, "KEEP_RADIUS", 1e9)
+    torch.testing.assert_close(draw(1.0)[0], src.latents, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(free[0], src.latents, atol=1e-2)
 
 
 def test_text_after_an_image_depends_on_its_latents(continuous):

@@ -12,7 +12,7 @@ from anymodal.checkpoint import Bundle, load_bundle, save_bundle
 from anymodal.commands.cli import build_parser, main
 from anymodal.commands.generate import image_sampling
 from anymodal.generate import requests
-from anymodal.generate.settings import ImageSampling, TextSampling
+from anymodal.generate.settings import KEEP_SOURCE, ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline
 
 SIZE = {"continuous": 32, "discrete": 12}  # 12 px: 3x3 codes keep the discrete path fast
@@ -129,6 +129,16 @@ def test_discrete_edits_record_keep_source_and_refuse_a_negative_one(make_system
             ask(bad)
     t2i = requests.text_to_image(pipe, requests.TextToImage(["a red circle."]))[0]
     assert "keep_source" not in t2i.record and "--keep-source" not in requests.command_line("t2i", "x", t2i.record)
+
+
+def test_continuous_edits_record_their_keep_source_and_refuse_one_above_1(continuous, tmp_path):
+    pipe = Pipeline(continuous)
+    image = _png(tmp_path / "red.png", 32)
+    ask = lambda keep: requests.edit(pipe, requests.Edit(  # noqa: E731
+        [image], ["make it blue."], sampling=ImageSampling(steps=2, keep_source=keep)))[0]
+    assert ask(None).record["keep_source"] == KEEP_SOURCE["continuous"]  # unasked: the path's own, on record
+    with pytest.raises(ValueError, match="keep_source=1.5 must be between 0 and 1 on the continuous path"):
+        ask(1.5)
 
 
 def test_generate_commands_write_what_the_requests_return(continuous, tmp_path, capsys):

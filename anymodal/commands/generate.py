@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from anymodal.benchmark import TASKS, BenchSettings
-from anymodal.generate.settings import PARALLEL_STEPS, ImageSampling, TextSampling
+from anymodal.generate.settings import KEEP_SOURCE, PARALLEL_STEPS, ImageSampling, TextSampling
 
 console = Console(stderr=True)
 IMAGE, TEXT = ImageSampling(), TextSampling()
@@ -42,8 +42,10 @@ def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_
         p.add_argument("--image-guidance", "--cfg-image", type=float, default=IMAGE.image_guidance,
                        help="guidance scale of the source image (1 = off)")
         p.add_argument("--keep-source", type=float, default=IMAGE.keep_source,
-                       help="discrete path: log-probability added to each slot's source code, so what the "
-                            "instruction does not name stays (0 = none)")
+                       help="how strongly what the instruction does not name stays as it was (0 = not at all; "
+                            f"default: {KEEP_SOURCE['discrete']:g} on the discrete path, a log-probability bonus "
+                            f"of each slot's source code; {KEEP_SOURCE['continuous']:g} on the continuous path, "
+                            "0-1, a pull of the predicted latents toward the source's where they lie near them)")
     p.add_argument("--guidance-interval", "--cfg-interval", type=float, nargs=2, default=IMAGE.guidance_interval,
                    metavar=("LO", "HI"), help="apply guidance only on this fraction of the trajectory")
     p.add_argument("--sampler", default=IMAGE.sampler,

@@ -4,6 +4,7 @@ The network never draws timesteps or adds noise; an objective does, with a few v
   noise(x0)                      -> NoisedLatents(x_t, timesteps, target) for training
   make_sampler(steps, sampler)   -> a diffusers scheduler with `set_timesteps` done (any of `SAMPLERS`)
   step(sampler, pred, t, x_t)    -> the next, less noisy latents
+  clean(x_t, pred, t) / prediction_for(x_t, x0, t) -> the clean latents a prediction implies, and back
 Timesteps handed to the network are floats in [0, num_train_timesteps]; 0 means clean.
 `config()` is the objective's whole configuration (saved beside a bundle's weights as objective.json, the way
 diffusers saves scheduler_config.json); `objective_from_config` rebuilds it.
@@ -78,6 +79,14 @@ class FlowMatching:
              generator: torch.Generator | None = None) -> torch.Tensor:
         return sampler.step(pred, t, x_t, generator=generator).prev_sample
 
+    def clean(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The clean latents x0 that velocity `pred` at timestep `t` implies."""
+        return x_t - float(t) / self.num_train_timesteps * pred
+
+    def prediction_for(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The velocity that implies clean latents `x0` at timestep `t` (the inverse of `clean`)."""
+        return (x_t - x0) / max(float(t) / self.num_train_timesteps, 1e-6)
+
 
 class DDPM:
     """Noise prediction with a DDPM training schedule; sampling with DDIM (default) or DDPM."""
@@ -121,6 +130,20 @@ class DDPM:
     def step(self, sampler, pred: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
         return sampler.step(pred, t, x_t, generator=generator).prev_sample
+
+    def _alpha(self, t: torch.Tensor | float) -> tuple[float, float]:
+        a = float(self.train_scheduler.alphas_cumprod[int(t)])
+        return a ** 0.5, max(1 - a, 1e-12) ** 0.5
+
+    def clean(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The clean latents x0 that noise `pred` at timestep `t` implies."""
+        a, s = self._alpha(t)
+        return (x_t - s * pred) / a
+
+    def prediction_for(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The noise that implies clean latents `x0` at timestep `t` (the inverse of `clean`)."""
+        a, s = self._alpha(t)
+        return (x_t - a * x0) / s
 
 
 OBJECTIVES = {"flow": FlowMatching, "ddpm": DDPM}

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from anymodal.batch import CONTINUOUS_IMAGE
 from anymodal.data.packing import collate_rows
 from anymodal.data.sequence import EncodedDocument
-from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling, decoding
+from anymodal.generate.settings import (
+    KEEP_RADIUS,
+    ImageSampling,
+    StepCallback,
+    TextSampling,
+    decoding,
+    keep_source,
+)
 from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
@@ -87,6 +94,16 @@ def guide(pred: torch.Tensor, scales: list[float]) -> torch.Tensor:
         if w != 1.0:
             out = out + (w - 1.0) * (cond - pred[i])
     return out
+
+
+def keep_near_source(objective, x: torch.Tensor, pred: torch.Tensor, t, source: torch.Tensor,
+                     weight: float) -> torch.Tensor:
+    """The prediction `pred` at latents x (B, C, h, w), with the clean latents it implies moved `weight` of the
+    way to `source`'s at each position where they lie near them already (settings.KEEP_RADIUS)."""
+    x0 = objective.clean(x, pred, t)
+    d = (x0 - source).pow(2).mean(1, keepdim=True).sqrt()  # (B, 1, h, w)
+    pull = weight * torch.exp(-(d / KEEP_RADIUS) ** 2)
+    return objective.prediction_for(x, x0 + pull * (source - x0), t)
 
 
 class Engine:
@@ -247,22 +264,24 @@ class Engine:
         """`<boi>` + one image per conditional row + `<eoi>`: codes (B, h, w) or latents (B, C, h, w).
 
         `on_step(done, total)` is called after every denoising step (continuous) or code (discrete). `source`:
-        the codes (B, h, w) of the image an edit changes (discrete path); each slot's source code gains
-        `sampling.keep_source` of log-probability."""
+        the codes (B, h, w) or latents (B, C, h, w) of the image an edit changes, kept where the instruction
+        does not name it by `sampling.keep_source` (settings.keep_source)."""
         if len(scales) != self.branches - 1:
             raise ValueError(f"{self.branches} branches need {self.branches - 1} guidance scales, got {scales}")
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
+        strength = keep_source(sampling, self.config.image_path) if source is not None else 0.0
         if self.config.image_path == "discrete":
             sampling = decoding(sampling, self.config)
             prior = None
-            if source is not None and sampling.keep_source:
+            if strength:
                 K = self.config.codebook_size
-                prior = sampling.keep_source * F.one_hot(source.reshape(self.B, -1).to(self.device), K).float()
+                prior = strength * F.one_hot(source.reshape(self.B, -1).to(self.device), K).float()
             if sampling.parallel_steps:
                 return self._codes_parallel(sampling, scales, generators, on_step, prior)
             return self._codes(sampling, scales, generators, on_step, prior)
-        return self._latents(sampling, scales, generators, on_step)
+        keep = (source.to(self.device).float(), strength) if strength else None
+        return self._latents(sampling, scales, generators, on_step, keep)
 
     def _in_interval(self, i: int, n: int, sampling: ImageSampling) -> bool:
         lo, hi = sampling.guidance_interval
@@ -330,8 +349,9 @@ class Engine:
         g = config.grid
         return codes.view(self.B, g, g)
 
-    def _latents(self, sampling: ImageSampling, scales: list[float], generators,
-                 on_step: StepCallback) -> torch.Tensor:
+    def _latents(self, sampling: ImageSampling, scales: list[float], generators, on_step: StepCallback,
+                 keep: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """Denoised latents; `keep`: (source latents, weight) of `keep_near_source`."""
         config, R, L = self.config, self.ids.shape[0], self.config.slots
         if self.objective is None:
             raise ValueError("the continuous path needs the bundle's diffusion objective")
@@ -357,6 +377,8 @@ class Engine:
             pred = self.model.image_prediction(hidden, slots).float()  # (R, C, h, w)
             pred = pred.view(self.branches, *shape)
             pred = guide(pred, scales if self._in_interval(i, len(timesteps), sampling) else [1.0] * len(scales))
+            if keep is not None:
+                pred = keep_near_source(self.objective, x, pred, t, *keep)
             x = self.objective.step(sampler, pred, t, x, generator=generators)
             if on_step:
                 on_step(i + 1, len(timesteps))

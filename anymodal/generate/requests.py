@@ -32,7 +32,7 @@ import torch
 from anymodal.data.document import Text
 from anymodal.data.images import load_image
 from anymodal.diffusion.schedule import check_sampler
-from anymodal.generate.settings import ImageSampling, TextSampling, decoding
+from anymodal.generate.settings import ImageSampling, TextSampling, decoding, keep_source
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 ImageInput = str | Path | torch.Tensor
@@ -195,16 +195,16 @@ def _image_room(pipe: Pipeline) -> int:
 
 def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> ImageSampling:
     """Refuse settings the bundle cannot use, in one sentence, before any work; the settings as the bundle uses
-    them (`decoding`: a parallel bundle's number of parallel steps), which the request's record keeps."""
+    them (`decoding`: a parallel bundle's number of parallel steps; `keep_source`: an edit's on this path), which
+    the request's record keeps."""
     if sampling.steps < 1:
         raise ValueError(f"steps={sampling.steps} must be at least 1")
-    if not 0 <= sampling.keep_source < float("inf"):
-        raise ValueError(f"keep_source={sampling.keep_source} must be a finite number >= 0")
     if sampling.sampler is not None:
         if pipe.bundle.image_path == "discrete":
             raise ValueError(f"sampler={sampling.sampler!r} applies to the continuous path; this bundle samples "
                              "image codes (set a temperature instead)")
         check_sampler(pipe.bundle.objective, sampling.sampler)
+    sampling = dataclasses.replace(sampling, keep_source=keep_source(sampling, pipe.bundle.image_path))
     return decoding(sampling, pipe.bundle.config) if pipe.bundle.image_path == "discrete" else sampling
 
 
@@ -237,7 +237,7 @@ def edit(pipe: Pipeline, request: Edit, progress: ProgressCallback = None) -> li
     seeds = [request.seed + i for i in range(len(sources))]
     on_step = _stepper(pipe, len(sources), request.batch_size, sampling, progress)
     images = pipe.edit(sources, request.instructions, seeds, sampling, request.batch_size, on_step=on_step)
-    settings = _settings(sampling, drop=() if pipe.bundle.image_path == "discrete" else ("keep_source",))
+    settings = _settings(sampling)
     return [ImageOutput(im, {"image": _name(src), "instruction": t, "seed": s, **settings})
             for im, src, t, s in zip(images, request.images, request.instructions, seeds)]
 

@@ -49,10 +49,11 @@ class ImageSampling:
     shapes-world scenes as 1.0 (docs/design.md)."""
     top_k: int = 0
     """Top-k of code sampling (discrete path); 0 = all codes."""
-    keep_source: float = 3.0
-    """Discrete edits: added to the log-probability of each slot's code in the source image, so what the
-    instruction does not name stays as it was (0 = none). On the demo's chameleon bundles 3 drew 0.20 and 0.35
-    of 300 fresh edits exactly, against 0.15 and 0.25 with 0 (benchmarks/README.md)."""
+    keep_source: float | None = None
+    """Edits: how strongly what the instruction does not name stays as it was in the source image (0 = not at
+    all; None = `KEEP_SOURCE` of the bundle's path). Discrete path: log-probability added to each slot's source
+    code. Continuous path (0-1): at every denoising step, the clean latents the model predicts move this share of
+    the way to the source's, at each position where they already lie near it (`KEEP_RADIUS`)."""
     parallel_steps: int | None = None
     """Discrete path: None decodes as the bundle was trained to (`decoding`): in `PARALLEL_STEPS` parallel
     (MaskGIT-style) forwards for a bundle trained with `parallel_images`, one code per forward otherwise; 0 one
@@ -63,6 +64,27 @@ PARALLEL_STEPS = 8
 """Parallel steps of a bundle trained with `parallel_images` when a request names none. On the demo's chameleon
 bundle (with code_positions) 4, 8 and 16 steps drew 0.66, 0.69 and 0.63 of t2i scenes exactly, one code per
 forward 0.36 (benchmarks/README.md)."""
+
+
+KEEP_SOURCE = {"discrete": 3.0, "continuous": 0.7}
+"""`keep_source` of an edit that names none. Fresh edits (seed 11, 300 scenes) of the demo's bundles: chameleon 0.35
+exact against 0.25 with 0 (0.20 against 0.15 on a shorter-trained bundle), transfusion 0.43 against 0.30
+(benchmarks/README.md, "Edits that keep the rest of the image")."""
+
+KEEP_RADIUS = 0.45
+"""Continuous `keep_source`: the pull toward the source at a latent position is exp(-(d / KEEP_RADIUS)^2) of
+it, d the root-mean-square distance over channels between the predicted clean latents and the source's there
+(latents are scaled to unit variance: a position whose content changes lies about 1 or more away)."""
+
+
+def keep_source(sampling: ImageSampling, image_path: str) -> float:
+    """The `keep_source` an edit on `image_path` uses; refuses one that path cannot use, in one sentence."""
+    keep = KEEP_SOURCE[image_path] if sampling.keep_source is None else float(sampling.keep_source)
+    top = 1.0 if image_path == "continuous" else float("inf")
+    if not 0 <= keep <= top or keep == float("inf"):
+        scale = "between 0 and 1 on the continuous path" if image_path == "continuous" else "a finite number >= 0"
+        raise ValueError(f"keep_source={sampling.keep_source} must be {scale}")
+    return keep
 
 
 def decoding(sampling: ImageSampling, config) -> ImageSampling:

@@ -139,9 +139,9 @@ class Pipeline:
             no_image = [self.prompt([t], "edit") for t in ins]
             eng = self.engine()
             eng.start(full + no_text + no_image, branches=3)
-            codes = torch.stack([s.codes for s in src]) if src[0].codes is not None else None
+            source = torch.stack([s.codes if s.codes is not None else s.latents for s in src])
             out = eng.generate_image(sampling, [sampling.guidance, sampling.image_guidance],
-                                     self.generators(seeds[lo:hi]), on_step, source=codes)
+                                     self.generators(seeds[lo:hi]), on_step, source=source)
             return self.decode_images(out)
 
         return self._batched(len(images), batch_size, run, progress)
