@@ -179,6 +179,8 @@ def test_vqa_and_caption_scoring():
     scene = Scene((Obj("red", "circle", 0),))
     assert scorer.add_vqa("two", " Two. ")
     assert not scorer.add_vqa("two", "three")
+    assert scorer.add_vqa("left", "a red circle at the left: left")  # described first: the part after ':'
+    assert not scorer.add_vqa("left", "a red circle at the left: right")
     assert scorer.add_caption(scene, "a red circle at the top left")
     assert not scorer.add_caption(scene, "a red circle at the top")
     assert scorer.add_caption(scene, "a red circle at the top left", heldout=True)

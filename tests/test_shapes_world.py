@@ -277,6 +277,16 @@ def test_edits_respect_their_constraints():
         assert new.pairs & held
 
 
+def test_answers_described_first_say_the_caption_then_the_answer():
+    plain = ShapesWorld(seed=3, tasks={"vqa": 1.0})
+    described = ShapesWorld(seed=3, tasks={"vqa": 1.0}, describe_first=True)
+    for _ in range(20):
+        a, b = plain.document("vqa", np.random.default_rng(_)), described.document("vqa", np.random.default_rng(_))
+        assert a.meta == b.meta and a.segments[1].text == b.segments[1].text  # the same question and answer
+        assert b.segments[2].text == f"{caption(b.meta['scenes'][0])}: {a.meta['answer']}"
+        assert a.segments[2].text == a.meta["answer"]
+
+
 def test_questions_and_answers():
     rng = np.random.default_rng(11)
     seen = set()

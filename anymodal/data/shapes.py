@@ -357,6 +357,8 @@ class ShapesWorld(Source):
         holdout_text: Text-only documents of the train split may name held-out pairs: they show no image, so the
             pairs stay unseen as pictures but are known as words (without it a caption of an unseen pair must
             produce a phrase the model never read).
+        describe_first: A question's answer first says what the image shows, then answers: "{caption}: {answer}"
+            (`final_answer` reads the answer back). The caption is the part of the scene the model reads best.
     """
 
     def __init__(
@@ -369,6 +371,7 @@ class ShapesWorld(Source):
         max_objects: int = MAX_OBJECTS,
         length: int | None = None,
         holdout_text: bool = False,
+        describe_first: bool = False,
     ) -> None:
         super().__init__(seed=seed, length=length)
         if size < MIN_SIZE:
@@ -384,6 +387,7 @@ class ShapesWorld(Source):
         self.split = split
         self.holdout = parse_holdout(holdout)
         self.holdout_text = holdout_text
+        self.describe_first = describe_first
         if split == "heldout" and not self.holdout:
             raise ValueError("split='heldout' needs a non-empty holdout list such as ['red circle']")
         if split == "train" and len(PAIRS) - len(self.holdout) < max_objects:
@@ -449,7 +453,8 @@ class ShapesWorld(Source):
             meta["scene"] = scene
         elif task == "vqa":
             question, answer = random_question(scene, rng)
-            segments = [self.image(scene, rng), Text(question), Text(answer)]
+            said = f"{caption(scene)}: {answer}" if self.describe_first else answer
+            segments = [self.image(scene, rng), Text(question), Text(said)]
             scenes = [scene]
             meta.update(question=question, answer=answer)
         elif task == "edit":

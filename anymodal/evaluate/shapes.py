@@ -151,6 +151,12 @@ def parse_caption(text: str) -> Scene | None:
     return scene if scene.is_valid(MAX_OBJECTS) else None
 
 
+def final_answer(text: str) -> str:
+    """The answer of a reply that describes the image first ("{caption}: {answer}", ShapesWorld's
+    `describe_first`): what follows the last colon; a reply without one is all answer."""
+    return text.rsplit(":", 1)[-1]
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, single spaces, no surrounding whitespace or final period."""
     return " ".join(text.strip().lower().rstrip(".").split())
@@ -230,7 +236,7 @@ class ShapesScorer:
         return exact
 
     def add_vqa(self, answer: str, predicted: str, heldout: bool = False) -> bool:
-        exact = normalize_answer(predicted) == normalize_answer(answer)
+        exact = normalize_answer(final_answer(predicted)) == normalize_answer(answer)
         self._tally(heldout).add("vqa_acc", float(exact))
         return exact
 
