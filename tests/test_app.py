@@ -20,7 +20,7 @@ from anymodal.app.web import launch, load_pipelines
 from anymodal.checkpoint import load_bundle, save_bundle
 from anymodal.commands.cli import build_parser, main
 from anymodal.commands.generate import image_sampling
-from anymodal.generate.settings import ImageSampling
+from anymodal.generate.settings import KEEP_SOURCE, ImageSampling
 from anymodal.generate.tasks import Pipeline
 
 SIZE = {"continuous": 32, "discrete": 12}
@@ -221,6 +221,10 @@ def test_the_api_gives_what_the_requests_give(client, folders, images):
     assert _pixels(edited).shape == (SIZE["discrete"], SIZE["discrete"], 3)
     assert record["image"] == "red.png" and record["image_guidance"] == 1.5
     assert line.startswith("anymodal generate edit --checkpoint") and "--image red.png" in line
+    assert record["keep_source"] == KEEP_SOURCE["discrete"] and "--keep-source 3.0" in line  # left empty: the path's
+    _, record, line = client.predict("discrete", handle_file(images["red"]), "make it blue.", 2, 3.0, 1.5, 0,
+                                     "as trained", 0, api_name="/edit")
+    assert record["keep_source"] == 0 and "--keep-source 0.0" in line
     text, record, line = client.predict("continuous", handle_file(images["red"]), "how many?", 0, api_name="/answer")
     assert record["answer"] == text and "--question 'how many?'" in line
 

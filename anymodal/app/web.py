@@ -32,7 +32,7 @@ from anymodal.app.settings import ServeSettings
 from anymodal.checkpoint import load_bundle
 from anymodal.data.images import MAX_BYTES
 from anymodal.generate import requests
-from anymodal.generate.settings import ImageSampling
+from anymodal.generate.settings import KEEP_SOURCE, ImageSampling
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 IMAGE = ImageSampling()
@@ -148,11 +148,12 @@ class App:
         return pipe, pipe.bundle.folder or name
 
     def _image_sampling(self, steps: float, guidance: float, image_guidance: float | None = None,
-                        decoding: str = "as trained") -> ImageSampling:
+                        decoding: str = "as trained", keep_source: float | None = None) -> ImageSampling:
         # `decoding` is one of DECODING: the page's dropdown refuses any other value in one sentence
         return ImageSampling(steps=_integer("steps", steps, 1, self.settings.max_steps), guidance=float(guidance),
                              image_guidance=IMAGE.image_guidance if image_guidance is None else float(image_guidance),
-                             parallel_steps=DECODING[decoding])
+                             parallel_steps=DECODING[decoding],
+                             keep_source=None if keep_source is None else float(keep_source))
 
     def describe(self, name: str) -> str:
         pipe, folder = self._pipeline(name)
@@ -174,12 +175,13 @@ class App:
         return gallery, records, "\n".join(requests.command_line("t2i", folder, r) for r in records)
 
     def edit(self, bundle: str, image: str | None, instruction: str, steps: float, guidance: float,
-             image_guidance: float, seed: float | None, decoding: str = "as trained", progress=gr.Progress()):
+             image_guidance: float, seed: float | None, decoding: str = "as trained",
+             keep_source: float | None = None, progress=gr.Progress()):
         pipe, folder = self._pipeline(bundle)
         if not image:
             raise gr.Error("upload an image to edit", print_exception=False)
         request = requests.Edit([image], [instruction], int(seed or 0),
-                                self._image_sampling(steps, guidance, image_guidance, decoding))
+                                self._image_sampling(steps, guidance, image_guidance, decoding, keep_source))
         with _page_errors([image]):
             out = requests.edit(pipe, request, _report(progress, "denoising"))[0]
         record = _shown(out.record, image)
@@ -299,10 +301,14 @@ class App:
                         steps, seed = steps_and_seed()
                         cfg, cfg_image = guidance("text guidance"), guidance("image guidance", IMAGE.image_guidance)
                         codes = decoding()
+                        keep = gr.Number(None, minimum=0, label=f"keep the source (empty: the bundle's path's "
+                                         f"default, {KEEP_SOURCE['continuous']:g} continuous or "
+                                         f"{KEEP_SOURCE['discrete']:g} discrete; 0 = off)")
                         go = gr.Button("edit", variant="primary")
                     with gr.Column():
                         record, line = reproduce()
-                go.click(self.edit, [bundle, source, instruction, steps, cfg, cfg_image, seed, codes], [edited, record, line],
+                go.click(self.edit, [bundle, source, instruction, steps, cfg, cfg_image, seed, codes, keep],
+                         [edited, record, line],
                          api_name="edit", show_progress_on=edited, **run)
 
             with gr.Tab("caption"):
