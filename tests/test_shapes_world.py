@@ -277,6 +277,16 @@ def test_edits_respect_their_constraints():
         assert new.pairs & held
 
 
+def test_set_tasks_changes_what_a_running_stream_draws():
+    world = ShapesWorld(seed=3, tasks={"t2i": 1.0, "edit": 1.0})
+    stream = world.documents(0, 1)
+    assert {next(stream).task for _ in range(40)} == {"t2i", "edit"}
+    world.set_tasks({"caption": 1.0})
+    assert {next(stream).task for _ in range(20)} == {"caption"}
+    with pytest.raises(ValueError, match="unknown task"):
+        world.set_tasks({"captions": 1.0})
+
+
 def test_answers_described_first_say_the_caption_then_the_answer():
     plain = ShapesWorld(seed=3, tasks={"vqa": 1.0})
     described = ShapesWorld(seed=3, tasks={"vqa": 1.0}, describe_first=True)

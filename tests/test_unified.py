@@ -40,6 +40,17 @@ def cli_args(path: str, tokenizer_dirs: dict, root: Path) -> list[str]:
             "--model.init_args.image_tokenizer", tokenizer_dirs[path]]
 
 
+def test_task_mix_switch_turns_the_stream_to_its_tasks_mid_run(fit_args, tmp_path, monkeypatch):
+    """Text-only documents from step 2 on: no image once the documents drawn before the switch are spent (a few
+    batches: Lightning fetches ahead, and a row in progress carries documents over), so the diffusion loss is 0."""
+    monkeypatch.setattr(sys, "argv", ["anymodal"])
+    switch = '{"class_path": "anymodal.systems.callbacks.TaskMixSwitch", "init_args": {"at_step": 2, "tasks": {"text": 1.0}}}'
+    main(fit_args("--trainer.max_steps=8", "--trainer.log_every_n_steps=1", f"--trainer.callbacks=[{switch}]"))
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    diffusion = [float(r["train/diffusion_loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/diffusion_loss")]
+    assert len(diffusion) == 8 and min(diffusion[:2]) > 0 and diffusion[-2:] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("path", ["continuous", "discrete"])
 def test_two_step_fit_of_each_recipe_through_the_cli(tokenizer_dirs, tmp_path, monkeypatch, path):
     monkeypatch.setattr(sys, "argv", ["anymodal"])  # LightningCLI warns when it sees pytest's arguments too

@@ -394,6 +394,10 @@ class ShapesWorld(Source):
             raise ValueError(
                 f"holdout leaves fewer than max_objects={max_objects} pairs to train on; hold out fewer"
             )
+        self.set_tasks(tasks)
+
+    def set_tasks(self, tasks: dict[str, float] | None) -> None:
+        """The task mix of the documents drawn from now on (None: all equal); a stream already running follows it."""
         tasks = {t: 1.0 for t in TASKS} if tasks is None else dict(tasks)
         unknown = set(tasks) - set(TASKS)
         if unknown:

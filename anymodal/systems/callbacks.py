@@ -124,3 +124,27 @@ class MFUMonitor(ThroughputMonitor):
         for key in self._throughputs:
             self._throughputs[key] = Throughput(available_flops=self.available_flops,
                                                 world_size=trainer.world_size, **self.kwargs)
+
+
+class TaskMixSwitch(Callback):
+    """From step `at_step` on, every training source with a task mix (`set_tasks`, e.g. ShapesWorld) draws
+    `tasks` instead: a late phase weighted toward the tasks learnt last (edits). It shows within a few batches
+    (Lightning fetches ahead; a row in progress carries documents over). Needs the data in the main process
+    (num_workers 0, the recipes' default): a worker process keeps its own copy of the source.
+
+    Measured on the transfusion recipe (benchmarks/README.md, "A late phase of edits"); off in the recipes."""
+
+    def __init__(self, at_step: int, tasks: dict[str, float]) -> None:
+        self.at_step, self.tasks, self.switched = at_step, dict(tasks), False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.switched or trainer.global_step < self.at_step:
+            return
+        sources = [s for s in getattr(trainer.datamodule, "sources", []) if hasattr(s, "set_tasks")]
+        if not sources:
+            raise ValueError("TaskMixSwitch found no training source with a task mix (such as ShapesWorld)")
+        if getattr(trainer.datamodule, "num_workers", 0):
+            raise ValueError("TaskMixSwitch needs num_workers 0: a worker process keeps its own copy of the source")
+        for source in sources:
+            source.set_tasks(self.tasks)
+        self.switched = True
