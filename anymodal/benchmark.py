@@ -19,7 +19,7 @@ from anymodal.data.document import TASKS as DOCUMENT_TASKS
 from anymodal.data.images import array_from_pixels
 from anymodal.data.shapes import CELL_NAMES, COLORS, SHAPES, Obj, Scene, ShapesWorld, caption
 from anymodal.evaluate.shapes import ShapesScorer
-from anymodal.generate.settings import ImageSampling, TextSampling, decoding, keep_source
+from anymodal.generate.settings import ImageSampling, TextSampling, resolved
 from anymodal.generate.tasks import Pipeline
 
 TASKS = tuple(t for t in DOCUMENT_TASKS if t != "text")  # t2i, caption, vqa, edit, story
@@ -108,10 +108,8 @@ def run_shapes_bench(pipe: Pipeline, settings: BenchSettings, holdout: list[str]
 
     size = pipe.bundle.image_size
     scorer = ShapesScorer()
-    if pipe.bundle.image_path == "discrete":  # as the bundle decodes (a parallel bundle's steps), on record too
-        settings = replace(settings, sampling=decoding(settings.sampling, pipe.bundle.config))
-    settings = replace(settings, sampling=replace(settings.sampling, keep_source=keep_source(
-        settings.sampling, pipe.bundle.image_path)))  # the edits' strength on this path, on record
+    # as the bundle samples (a parallel bundle's steps, the edits' keep_source on its path), on record too
+    settings = replace(settings, sampling=resolved(settings.sampling, pipe.bundle.config))
     sampling = settings.sampling
     greedy = TextSampling(temperature=0.0)
     splits = [("seen", "train", settings.n)]

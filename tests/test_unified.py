@@ -26,6 +26,7 @@ from anymodal.generate.engine import Engine
 from anymodal.layout import build_layout, code_slots, reference_latents
 from anymodal.masks import build_attention_mask
 from anymodal.model.unified import ContinuousInput
+from anymodal.systems.callbacks import TaskMixSwitch
 
 RECIPES = {"continuous": ROOT / "recipes/models/transfusion-shapes.yaml",
            "discrete": ROOT / "recipes/models/chameleon-shapes.yaml"}
@@ -49,6 +50,8 @@ def test_task_mix_switch_turns_the_stream_to_its_tasks_mid_run(fit_args, tmp_pat
     (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
     diffusion = [float(r["train/diffusion_loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/diffusion_loss")]
     assert len(diffusion) == 8 and min(diffusion[:2]) > 0 and diffusion[-2:] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown task"):  # at start, not at the switch
+        TaskMixSwitch(2, {"captions": 1.0})
 
 
 @pytest.mark.parametrize("path", ["continuous", "discrete"])

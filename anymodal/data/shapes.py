@@ -339,6 +339,20 @@ def random_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return f"what shape is at the {CELL_NAMES[o.cell]}?", o.shape
 
 
+def task_mix(tasks: dict[str, float] | None) -> tuple[list[str], np.ndarray]:
+    """The tasks of a mix of ratios (None: all equal) and their cumulative probabilities; refuses an unknown task
+    or ratios that are negative or sum to 0, in one sentence."""
+    tasks = {t: 1.0 for t in TASKS} if tasks is None else dict(tasks)
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)} in tasks; expected keys among {', '.join(TASKS)}")
+    if any(r < 0 for r in tasks.values()) or sum(tasks.values()) <= 0:
+        raise ValueError(f"tasks={tasks} needs non-negative ratios with a positive sum")
+    names = [t for t in TASKS if tasks.get(t, 0) > 0]
+    weights = np.array([tasks[t] for t in names], dtype=np.float64)
+    return names, np.cumsum(weights / weights.sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # The source
 
@@ -398,17 +412,7 @@ class ShapesWorld(Source):
 
     def set_tasks(self, tasks: dict[str, float] | None) -> None:
         """The task mix of the documents drawn from now on (None: all equal); a stream already running follows it."""
-        tasks = {t: 1.0 for t in TASKS} if tasks is None else dict(tasks)
-        unknown = set(tasks) - set(TASKS)
-        if unknown:
-            raise ValueError(
-                f"unknown task(s) {sorted(unknown)} in tasks; expected keys among {', '.join(TASKS)}"
-            )
-        if any(r < 0 for r in tasks.values()) or sum(tasks.values()) <= 0:
-            raise ValueError(f"tasks={tasks} needs non-negative ratios with a positive sum")
-        self.tasks = [t for t in TASKS if tasks.get(t, 0) > 0]
-        weights = np.array([tasks[t] for t in self.tasks], dtype=np.float64)
-        self.cum_weights = np.cumsum(weights / weights.sum())
+        self.tasks, self.cum_weights = task_mix(tasks)
 
 
     @property

@@ -26,14 +26,7 @@ import torch.nn.functional as F
 from anymodal.batch import CONTINUOUS_IMAGE
 from anymodal.data.packing import collate_rows
 from anymodal.data.sequence import EncodedDocument
-from anymodal.generate.settings import (
-    KEEP_RADIUS,
-    ImageSampling,
-    StepCallback,
-    TextSampling,
-    decoding,
-    keep_source,
-)
+from anymodal.generate.settings import KEEP_RADIUS, ImageSampling, StepCallback, TextSampling, resolved
 from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
@@ -265,14 +258,14 @@ class Engine:
 
         `on_step(done, total)` is called after every denoising step (continuous) or code (discrete). `source`:
         the codes (B, h, w) or latents (B, C, h, w) of the image an edit changes, kept where the instruction
-        does not name it by `sampling.keep_source` (settings.keep_source)."""
+        does not name it by `sampling.keep_source` (settings.resolved)."""
         if len(scales) != self.branches - 1:
             raise ValueError(f"{self.branches} branches need {self.branches - 1} guidance scales, got {scales}")
         R = self.ids.shape[0]
         self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
-        strength = keep_source(sampling, self.config.image_path) if source is not None else 0.0
+        sampling = resolved(sampling, self.config)
+        strength = sampling.keep_source if source is not None else 0.0
         if self.config.image_path == "discrete":
-            sampling = decoding(sampling, self.config)
             prior = None
             if strength:
                 K = self.config.codebook_size

@@ -32,7 +32,7 @@ import torch
 from anymodal.data.document import Text
 from anymodal.data.images import load_image
 from anymodal.diffusion.schedule import check_sampler
-from anymodal.generate.settings import ImageSampling, TextSampling, decoding, keep_source
+from anymodal.generate.settings import ImageSampling, TextSampling, resolved
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 ImageInput = str | Path | torch.Tensor
@@ -195,7 +195,7 @@ def _image_room(pipe: Pipeline) -> int:
 
 def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> ImageSampling:
     """Refuse settings the bundle cannot use, in one sentence, before any work; the settings as the bundle uses
-    them (`decoding`: a parallel bundle's number of parallel steps; `keep_source`: an edit's on this path), which
+    them (`resolved`: a parallel bundle's number of parallel steps, an edit's `keep_source` on this path), which
     the request's record keeps."""
     if sampling.steps < 1:
         raise ValueError(f"steps={sampling.steps} must be at least 1")
@@ -204,8 +204,7 @@ def check_image_sampling(pipe: Pipeline, sampling: ImageSampling) -> ImageSampli
             raise ValueError(f"sampler={sampling.sampler!r} applies to the continuous path; this bundle samples "
                              "image codes (set a temperature instead)")
         check_sampler(pipe.bundle.objective, sampling.sampler)
-    sampling = dataclasses.replace(sampling, keep_source=keep_source(sampling, pipe.bundle.image_path))
-    return decoding(sampling, pipe.bundle.config) if pipe.bundle.image_path == "discrete" else sampling
+    return resolved(sampling, pipe.bundle.config)
 
 
 def text_to_image(pipe: Pipeline, request: TextToImage, progress: ProgressCallback = None) -> list[ImageOutput]:

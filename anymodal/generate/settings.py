@@ -98,3 +98,11 @@ def decoding(sampling: ImageSampling, config) -> ImageSampling:
     elif not steps:
         steps = None
     return dataclasses.replace(sampling, parallel_steps=steps)
+
+
+def resolved(sampling: ImageSampling, config) -> ImageSampling:
+    """`sampling` as a bundle of `config` (its ModelConfig) uses it: `keep_source` resolved for its path (refused
+    in one sentence where the path cannot use it) and, on the discrete path, `decoding`'s parallel steps. The
+    engine samples with it and records keep it."""
+    sampling = dataclasses.replace(sampling, keep_source=keep_source(sampling, config.image_path))
+    return decoding(sampling, config) if config.image_path == "discrete" else sampling

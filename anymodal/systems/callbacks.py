@@ -14,6 +14,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
 from PIL import Image as PILImage
 
+from anymodal.data.shapes import task_mix
+
 
 def image_grid(rows: list[torch.Tensor], scale: int = 1, pad: int = 2) -> np.ndarray:
     """Rows of images, each (N, 3, H, W) in [0, 1], as one uint8 (H', W', 3) array on a grey ground.
@@ -135,6 +137,7 @@ class TaskMixSwitch(Callback):
     Measured on the transfusion recipe (benchmarks/README.md, "A late phase of edits"); off in the recipes."""
 
     def __init__(self, at_step: int, tasks: dict[str, float]) -> None:
+        task_mix(tasks)  # a typo in the recipe is refused at start, not at `at_step`
         self.at_step, self.tasks, self.switched = at_step, dict(tasks), False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
