@@ -8,7 +8,9 @@ EMA), with one lever changed at a time:
 - `batch B`: rows per step (tokens per step grow, per-op overhead is shared);
 - `fused adamw`: `torch.optim.AdamW(fused=True)` instead of the per-parameter loop;
 - `bf16 autocast`: `torch.autocast("cpu", torch.bfloat16)` over the forward (what Lightning's `bf16-mixed` does);
-- `compile`: `torch.compile` of the decoder (compile time reported apart).
+- `compile`: `torch.compile` of the decoder (compile time reported apart);
+- `muon`: `optimizer: muon` (anymodal.systems.optim: Muon on the decoder blocks' matrices, batched per shape),
+  and the same with the library's per-matrix `torch.optim.Muon` loop.
 
 Each configuration runs in a fresh interpreter. Reported: tokens/s and its ratio to the recipe's step on the
 same path, the step split into forward (the image tokenizer's encoding timed apart), backward, optimizer
@@ -55,11 +57,14 @@ LEVERS = {
     "21 rows x 192 + bf16 + compile": {"batch_size": 21, "seq_len": 192, "bf16": True, "compile": True},
     "16 rows + bf16 + compile, mlp 768": {"batch_size": 16, "bf16": True, "compile": True,
                                           "arch": {"mlp_hidden": 768}},
+    # the optimizer: Muon on the decoder blocks' matrices, at the demo's setting (the recipe's rows)
+    "bf16 + compile + muon": {"bf16": True, "compile": True, "optimizer": "muon"},
+    "bf16 + compile + muon (library loop)": {"bf16": True, "compile": True, "optimizer": "muon", "library_muon": True},
 }
 
 
 def run_one(spec: dict) -> dict:
-    """Time one configuration: {path, steps, warmup, threads, batch_size?, fused?, bf16?, compile?}."""
+    """Time one configuration: {path, steps, warmup, threads, batch_size?, fused?, bf16?, compile?, optimizer?, library_muon?}."""
     import torch
     import yaml
 
@@ -67,6 +72,7 @@ def run_one(spec: dict) -> dict:
     from anymodal.data.shapes import ShapesWorld
     from anymodal.data.stream import PackedBatches
     from anymodal.hardware import matmul_rate
+    from anymodal.systems.optim import GroupedMuon, build_optimizer
     from anymodal.systems.unified import UnifiedSystem
 
     torch.set_num_threads(spec["threads"])
@@ -94,8 +100,12 @@ def run_one(spec: dict) -> dict:
     batches = list(itertools.islice(iter(stream), n))
     data_ms = 1e3 * (time.perf_counter() - t0) / n
     system.model.train()
-    opt = torch.optim.AdamW(system.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
-                            **({"fused": True} if spec.get("fused") else {}))
+    if spec.get("optimizer"):
+        opt = build_optimizer(spec["optimizer"], system.model, system.param_groups(), hp.lr, tuple(hp.betas),
+                              hp.weight_decay, torch.optim.Muon if spec.get("library_muon") else GroupedMuon)
+    else:
+        opt = torch.optim.AdamW(system.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                **({"fused": True} if spec.get("fused") else {}))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(spec.get("bf16")))
 
     def step(batch) -> tuple[float, float, float, float]:

@@ -172,10 +172,10 @@ class LossRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit(make_system, path: str, steps: int, root: Path, ckpt_path=None, save=None):
+def fit(make_system, path: str, steps: int, root: Path, ckpt_path=None, save=None, **overrides):
     """Train a debug system `steps` steps in total (resuming from `ckpt_path`); returns (losses, system)."""
     torch.manual_seed(0)
-    system = make_system(path, ema_decay=0.9)
+    system = make_system(path, ema_decay=0.9, **overrides)
     data = UnifiedDataModule([ShapesWorld(size=32, seed=0)], seq_len=SEQ_LEN[path], batch_size=2, seed=0)
     recorder = LossRecorder()
     trainer = Trainer(accelerator="cpu", max_steps=steps, gradient_clip_val=1.0, logger=False,
@@ -187,11 +187,11 @@ def fit(make_system, path: str, steps: int, root: Path, ckpt_path=None, save=Non
     return recorder.losses, system
 
 
-@pytest.mark.parametrize("path", ["continuous", "discrete"])
-def test_resumed_training_repeats_the_uninterrupted_run(make_system, tmp_path, path):
-    straight, _ = fit(make_system, path, 4, tmp_path)
-    first, _ = fit(make_system, path, 2, tmp_path, save=tmp_path / "half.ckpt")
-    second, _ = fit(make_system, path, 4, tmp_path, ckpt_path=tmp_path / "half.ckpt")
+@pytest.mark.parametrize("path, optimizer", [("continuous", "adamw"), ("discrete", "adamw"), ("continuous", "muon")])
+def test_resumed_training_repeats_the_uninterrupted_run(make_system, tmp_path, path, optimizer):
+    straight, _ = fit(make_system, path, 4, tmp_path, optimizer=optimizer)
+    first, _ = fit(make_system, path, 2, tmp_path, save=tmp_path / "half.ckpt", optimizer=optimizer)
+    second, _ = fit(make_system, path, 4, tmp_path, ckpt_path=tmp_path / "half.ckpt", optimizer=optimizer)
     assert len(straight) == 4 and len(first) == len(second) == 2
     np.testing.assert_allclose(first + second, straight, rtol=0, atol=1e-6)
     assert straight[2:] != straight[:2]  # the resumed half does not start the stream over
