@@ -4,7 +4,7 @@
 
 RUN.json: {"strategy": "single" | "ddp" | "zero2" | "zero3", "out": folder, "image_tokenizer": folder,
 "steps": int, "save_at": [step, ...], "resume": checkpoint or null, "precision": "32-true" | "bf16-mixed",
-"ema_decay": float}. Two processes except "single": started with LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set
+"ema_decay": float, "optimizer": "adamw" | "muon"}. Two processes except "single": started with LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set
 (as torchrun does), or else Lightning's launcher starts rank 1 by running this script again. Every rank sees
 the same batches (`SameOnEveryRank`), so averaging the gradients of two ranks gives the
 gradient of one process, and every strategy should repeat the single-process run.
@@ -87,7 +87,7 @@ def main(run_file: str) -> None:
     seed_everything(0)
     system = UnifiedSystem(text_tokenizer=str(ROOT / "tokenizers" / "shapes-text"),
                            image_tokenizer=run["image_tokenizer"], size="debug", warmup_steps=2,
-                           ema_decay=run.get("ema_decay", 0.9))
+                           ema_decay=run.get("ema_decay", 0.9), optimizer=run.get("optimizer", "adamw"))
     data = UnifiedDataModule([SameOnEveryRank(size=32, seed=0, tasks=TASKS)], seq_len=128, batch_size=2, seed=0)
     record = Record(out, run.get("save_at", []))
     trainer = Trainer(accelerator="cpu", devices=1 if run["strategy"] == "single" else 2,

@@ -5,7 +5,8 @@ on the batches of the single-process run, so the averaged gradient is the single
 (fp32): the losses of all 5 steps are bitwise equal to the single-process run's under every strategy; the
 exported EMA differs by at most 2e-7 (ZeRO-3) and 7e-9 (ZeRO-2), the trained weights by at most 2e-7; the
 runs resumed at step 2 repeat steps 3-5 bitwise. The tolerances below leave room for other CPUs' kernels:
-losses rtol 1e-5, weights atol 1e-5. About 115 CPU seconds (a dozen processes, mostly their imports).
+losses rtol 1e-5, weights atol 1e-5. About 130 CPU seconds (15 processes, mostly their imports). DDP
+also runs with `optimizer: muon` against its own single-process run.
 
 Also: `anymodal export` of a sharded checkpoint folder; ZeRO-2/3 runs resumed at step 2 continue the loss
 curve; under ZeRO-2 with bf16 (DeepSpeed casts the model) the EMA and the frozen image tokenizer stay fp32.
@@ -76,6 +77,8 @@ def runs(tokenizer_dirs, tmp_path_factory):
     for stage in ("zero2", "zero3"):
         launches[f"{stage}-resumed"] = {"strategy": stage, "resume": str(root / stage / "step2.ckpt")}
     launches["zero2-bf16"] = {"strategy": "zero2", "precision": "bf16-mixed", "steps": 2, "save_at": [2]}
+    for name in ("single", "ddp"):  # Muon orthogonalises the averaged gradient: DDP repeats one process too
+        launches[f"{name}-muon"] = {"strategy": name, "optimizer": "muon"}
     return {name: (launch(root, name, vae, **run), root / name) for name, run in launches.items()}
 
 
@@ -90,9 +93,11 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "ddp-muon"])
 def test_two_processes_repeat_the_single_process_losses(runs, strategy):
-    single = runs["single"][0][0]["losses"]
+    single = runs["single-muon" if strategy.endswith("muon") else "single"][0][0]["losses"]
+    if strategy.endswith("muon"):  # another optimizer: another loss curve after the first step
+        assert runs[strategy][0][0]["losses"][1:] != runs["ddp"][0][0]["losses"][1:]
     ranks = runs[strategy][0]
     assert len(single) == STEPS and ranks[0]["losses"] == ranks[1]["losses"]
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single), rtol=LOSS_RTOL, atol=0)
