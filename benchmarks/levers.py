@@ -2,8 +2,8 @@
 
 For `recipes/models/transfusion-shapes.yaml` and `recipes/models/chameleon-shapes.yaml` (at their size and
 sequence length, untrained image tokenizers of the recipes' shapes: speed does not depend on the weights),
-one training step as `anymodal fit` runs it (images encoded on the fly, forward, backward, clipping, AdamW,
-EMA), with one lever changed at a time:
+one training step as `anymodal fit` runs it (images encoded on the fly, forward, backward, clipping, AdamW
+or, where the lever says so, Muon + AdamW, EMA), with one lever changed at a time:
 
 - `batch B`: rows per step (tokens per step grow, per-op overhead is shared);
 - `fused adamw`: `torch.optim.AdamW(fused=True)` instead of the per-parameter loop;
@@ -90,6 +90,13 @@ def run_one(spec: dict) -> dict:
         system.configure_model()
     hp = system.hparams
     compile_s = 0.0
+    # the optimizer first: it takes the decoder's own parameter names, which compiling wraps (_orig_mod)
+    if spec.get("optimizer"):
+        opt = build_optimizer(spec["optimizer"], system.model, system.param_groups(), hp.lr, tuple(hp.betas),
+                              hp.weight_decay, torch.optim.Muon if spec.get("library_muon") else GroupedMuon)
+    else:
+        opt = torch.optim.AdamW(system.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                **({"fused": True} if spec.get("fused") else {}))
     if spec.get("compile"):
         system.model.decoder = torch.compile(system.model.decoder)
     sources = [ShapesWorld(**s["init_args"]) for s in data_args["sources"]]
@@ -100,12 +107,6 @@ def run_one(spec: dict) -> dict:
     batches = list(itertools.islice(iter(stream), n))
     data_ms = 1e3 * (time.perf_counter() - t0) / n
     system.model.train()
-    if spec.get("optimizer"):
-        opt = build_optimizer(spec["optimizer"], system.model, system.param_groups(), hp.lr, tuple(hp.betas),
-                              hp.weight_decay, torch.optim.Muon if spec.get("library_muon") else GroupedMuon)
-    else:
-        opt = torch.optim.AdamW(system.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
-                                **({"fused": True} if spec.get("fused") else {}))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(spec.get("bf16")))
 
     def step(batch) -> tuple[float, float, float, float]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from anymodal.systems.optim import MuonAdamW, muon_matrices
+from anymodal.systems.optim import MuonAdamW, build_optimizer, muon_matrices
 from anymodal.systems.strategies import CPUDeepSpeedStrategy
 
 KW = dict(lr=1e-2, muon_lr=2e-2, weight_decay=0.1, betas=(0.9, 0.95))
@@ -92,3 +92,14 @@ def test_the_system_hands_muon_the_blocks_matrices_and_refuses_it_under_deepspee
         system.configure_optimizers()
     with pytest.raises(ValueError, match="optimizer='sgd' must be one of adamw, muon"):
         make_system("continuous", optimizer="sgd")
+
+
+def test_a_step_without_gradients_moves_nothing_and_a_model_without_blocks_is_refused():
+    params = weights()
+    before = clone(params)
+    combined(params).step()  # no gradient yet (as after a skipped step): nothing moves, nothing fails
+    for p, q in zip(params, before):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="found no trainable matrix under decoder.layers."):
+        build_optimizer("muon", model, [{"params": list(model.parameters())}], 1e-3, (0.9, 0.95), 0.1)
