@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from lightning.pytorch import Trainer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -423,3 +424,28 @@ def test_text_lm_then_a_two_step_liquid_fit_then_export(tmp_path, tokenizer_dirs
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits,
                                    text_logits(bundle.model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_new_rows_lr_holds_under_muon(lm_dirs, tokenizer_dirs):
+    """optimizer=muon: the token matrices stay with AdamW, so the LM's rows step at lr and the new rows at
+    new_rows_lr there too; Muon steps the decoder blocks the same in every run."""
+
+    def one_step(**rates) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        system = unified(lm_dirs["qwen2"], tokenizer_dirs, "continuous", optimizer="muon", **rates)
+        system.trainer = Trainer(accelerator="cpu", max_steps=10, logger=False, enable_progress_bar=False)
+        opt = system.configure_optimizers()["optimizer"]
+        out = system.compute_losses(shapes_batch(system, ["t2i", "caption", "vqa"], 128))
+        opt.zero_grad()
+        out.total.backward()
+        system.on_after_backward()
+        opt.step()
+        return {"lm": system.lm_rows, **snapshot(system)}
+
+    mixed, slow, fast = one_step(lr=1e-3, new_rows_lr=3e-3), one_step(lr=1e-3), one_step(lr=3e-3)
+    rows, emb = mixed["lm"], "embed_tokens.weight"
+    assert not torch.equal(slow[emb], fast[emb])
+    torch.testing.assert_close(mixed[emb][rows], slow[emb][rows], atol=1e-7, rtol=0)
+    torch.testing.assert_close(mixed[emb][~rows], fast[emb][~rows], atol=1e-7, rtol=0)
+    block = next(k for k in mixed if k.startswith("decoder.layers.") and k.endswith("q_proj.weight"))
+    torch.testing.assert_close(mixed[block], slow[block], atol=1e-7, rtol=0)
