@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from lightning.pytorch import Trainer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -27,6 +26,7 @@ from anymodal.generate.tasks import Pipeline
 from anymodal.masks import build_attention_mask
 from anymodal.model.hf import load_text_model, read_lm_arch
 from anymodal.model.unified import ModelConfig
+from anymodal.systems.optim import build_optimizer
 from anymodal.systems.unified import UnifiedSystem
 
 SHAPES = ["a red circle at the top left and a blue square at the center", "move the red circle to the bottom",
@@ -237,8 +237,9 @@ def test_the_vocabulary_extension_keeps_the_lms_tokens_and_text_logits(lm_dirs, 
 
 def train_two_steps(system: UnifiedSystem, seq_len: int, steps: int = 2) -> list[float]:
     batch = shapes_batch(system, ["t2i", "caption", "vqa"], seq_len)
-    opt = torch.optim.AdamW(system.param_groups())
-    if system.hparams.new_rows_lr is not None:
+    hp = system.hparams  # the system's own optimizer (AdamW, or Muon on the decoder blocks + AdamW)
+    opt = build_optimizer(hp.optimizer, system.model, system.param_groups(), hp.lr, tuple(hp.betas), hp.weight_decay)
+    if hp.new_rows_lr is not None:
         system.scale_row_steps(opt)
     losses = []
     for _ in range(steps):
@@ -308,13 +309,15 @@ def test_freeze_text_trains_only_what_the_lm_lacks(lm_dirs, tokenizer_dirs):
     assert not torch.equal(before["patch_in.weight"], after["patch_in.weight"])
 
 
-def test_new_rows_lr_is_adamw_at_that_rate_for_what_the_lm_lacks(lm_dirs, tokenizer_dirs):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_new_rows_lr_is_adamw_at_that_rate_for_what_the_lm_lacks(lm_dirs, tokenizer_dirs, optimizer):
     """One matrix holds both kinds of rows (qwen2: tied): after a step at lr=1e-3, new_rows_lr=3e-3, the LM's rows
-    and the decoder equal a plain step at 1e-3, the new rows and the image heads a plain step at 3e-3."""
+    and the decoder equal a plain step at 1e-3, the new rows and the image heads a plain step at 3e-3. Under
+    muon the token matrices stay with AdamW, so the same holds (and Muon steps the decoder blocks at lr)."""
 
     def one_step(**rates) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        system = unified(lm_dirs["qwen2"], tokenizer_dirs, "continuous", **rates)
+        system = unified(lm_dirs["qwen2"], tokenizer_dirs, "continuous", optimizer=optimizer, **rates)
         train_two_steps(system, seq_len=128, steps=1)
         return {"lm": system.lm_rows, **snapshot(system)}
 
@@ -325,6 +328,8 @@ def test_new_rows_lr_is_adamw_at_that_rate_for_what_the_lm_lacks(lm_dirs, tokeni
     torch.testing.assert_close(mixed[emb][~rows], fast[emb][~rows], atol=1e-7, rtol=0)
     torch.testing.assert_close(mixed["decoder.norm.weight"], slow["decoder.norm.weight"], atol=1e-7, rtol=0)
     torch.testing.assert_close(mixed["patch_out.weight"], fast["patch_out.weight"], atol=1e-7, rtol=0)
+    block = next(k for k in mixed if k.startswith("decoder.layers.") and k.endswith("q_proj.weight"))
+    torch.testing.assert_close(mixed[block], slow[block], atol=1e-7, rtol=0)
 
 
 def test_new_arch_fields_default_to_the_native_decoder():
@@ -425,27 +430,3 @@ def test_text_lm_then_a_two_step_liquid_fit_then_export(tmp_path, tokenizer_dirs
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits,
                                    text_logits(bundle.model, ids), atol=1e-4, rtol=1e-4)
 
-
-def test_new_rows_lr_holds_under_muon(lm_dirs, tokenizer_dirs):
-    """optimizer=muon: the token matrices stay with AdamW, so the LM's rows step at lr and the new rows at
-    new_rows_lr there too; Muon steps the decoder blocks the same in every run."""
-
-    def one_step(**rates) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        system = unified(lm_dirs["qwen2"], tokenizer_dirs, "continuous", optimizer="muon", **rates)
-        system.trainer = Trainer(accelerator="cpu", max_steps=10, logger=False, enable_progress_bar=False)
-        opt = system.configure_optimizers()["optimizer"]
-        out = system.compute_losses(shapes_batch(system, ["t2i", "caption", "vqa"], 128))
-        opt.zero_grad()
-        out.total.backward()
-        system.on_after_backward()
-        opt.step()
-        return {"lm": system.lm_rows, **snapshot(system)}
-
-    mixed, slow, fast = one_step(lr=1e-3, new_rows_lr=3e-3), one_step(lr=1e-3), one_step(lr=3e-3)
-    rows, emb = mixed["lm"], "embed_tokens.weight"
-    assert not torch.equal(slow[emb], fast[emb])
-    torch.testing.assert_close(mixed[emb][rows], slow[emb][rows], atol=1e-7, rtol=0)
-    torch.testing.assert_close(mixed[emb][~rows], fast[emb][~rows], atol=1e-7, rtol=0)
-    block = next(k for k in mixed if k.startswith("decoder.layers.") and k.endswith("q_proj.weight"))
-    torch.testing.assert_close(mixed[block], slow[block], atol=1e-7, rtol=0)

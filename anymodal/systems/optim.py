@@ -20,6 +20,12 @@ from torch import nn
 OPTIMIZERS = ("adamw", "muon")
 
 
+def check_optimizer(kind: str) -> None:
+    """Refuse an optimizer name this module does not build, in one sentence."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kind!r} must be one of {', '.join(OPTIMIZERS)}")
+
+
 def muon_matrices(model: nn.Module) -> list[str]:
     """Names of the weights Muon steps: the 2-D weights inside the decoder's blocks."""
     return [name for name, p in model.named_parameters()
@@ -136,8 +142,7 @@ def build_optimizer(kind: str, model: nn.Module, groups: list[dict], lr: float, 
                     weight_decay: float, muon_class: type = GroupedMuon) -> torch.optim.Optimizer:
     """AdamW over `groups` (AdamW param groups of `model`), or MuonAdamW: the decoder blocks' matrices
     (`muon_matrices`) to Muon, the rest of each group to AdamW as it was."""
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"optimizer={kind!r} must be one of {', '.join(OPTIMIZERS)}")
+    check_optimizer(kind)
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     named = dict(model.named_parameters())

@@ -29,7 +29,7 @@ from anymodal.model.hf import init_from_lm, read_lm_arch
 from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
 from anymodal.parallel import bidirectional, mask_for_training
 from anymodal.systems.ema import WeightEMA
-from anymodal.systems.optim import OPTIMIZERS, build_optimizer
+from anymodal.systems.optim import build_optimizer, check_optimizer
 from anymodal.tokenizers.fingerprint import image_tokenizer_fingerprint
 from anymodal.tokenizers.image import load_image_tokenizer, read_image_tokenizer_spec
 from anymodal.tokenizers.text import load_text_tokenizer
@@ -127,8 +127,7 @@ class UnifiedSystem(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(optimizer)
         if code_init not in ("random", "codebook"):
             raise ValueError(f"code_init={code_init!r} must be 'random' or 'codebook'")
         if init_from is None and (freeze_text or new_rows_lr is not None):
@@ -422,10 +421,14 @@ class UnifiedSystem(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if (hp.freeze_text or hp.new_rows_lr is not None) and "DeepSpeed" in type(self.trainer.strategy).__name__:
+        deepspeed = "DeepSpeed" in type(self.trainer.strategy).__name__
+        if (hp.freeze_text or hp.new_rows_lr is not None) and deepspeed:
             raise ValueError("freeze_text and new_rows_lr act on rows of the embedding, which DeepSpeed's partitioned "
                              "optimizer does not expose; use the ddp strategy (recipes/strategy/ddp.yaml)")
-        opt = self._optimizer()
+        if hp.optimizer == "muon" and deepspeed:
+            raise ValueError("optimizer=muon steps whole matrices, and DeepSpeed's ZeRO hands the optimizer flattened "
+                             "pieces of them; use optimizer=adamw with DeepSpeed, or the ddp strategy")
+        opt = build_optimizer(hp.optimizer, self.model, self.param_groups(), hp.lr, tuple(hp.betas), hp.weight_decay)
         if hp.new_rows_lr is not None:
             self.scale_row_steps(opt)
         total = max(1, self.trainer.estimated_stepping_batches)
@@ -438,14 +441,6 @@ class UnifiedSystem(LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """`optimizer` over `param_groups` (anymodal.systems.optim.build_optimizer); muon not under DeepSpeed."""
-        hp = self.hparams
-        if hp.optimizer == "muon" and "DeepSpeed" in type(self.trainer.strategy).__name__:
-            raise ValueError("optimizer=muon steps whole matrices, and DeepSpeed's ZeRO hands the optimizer flattened "
-                             "pieces of them; use optimizer=adamw with DeepSpeed, or the ddp strategy")
-        return build_optimizer(hp.optimizer, self.model, self.param_groups(), hp.lr, tuple(hp.betas), hp.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record what export needs to rebuild the model without this class: plain types only."""
