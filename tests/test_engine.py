@@ -215,6 +215,13 @@ def test_a_continuous_edit_held_fully_to_its_source_returns_the_source(continuou
     monkeypatch.setattr(engine_module, "KEEP_RADIUS", 1e9)
     torch.testing.assert_close(draw(1.0)[0], src.latents, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(free[0], src.latents, atol=1e-2)
+    # Heun evaluates each step's end too; pulled there, the last step's end (sigma 0.001) would blow the
+    # latents up about a thousandfold
+    engine = _engine(continuous, True)
+    engine.start([prompt])
+    half = engine.generate_image(ImageSampling(steps=5, keep_source=0.5, sampler="heun"), [], _gens(1),
+                                 source=src.latents[None])
+    assert (half[0] - src.latents).abs().max() < 2 * (free[0] - src.latents).abs().max()
 
 
 def test_text_after_an_image_depends_on_its_latents(continuous):
@@ -378,8 +385,21 @@ def test_story_images_back_to_back_are_closed_by_eoi(bundle):
             assert all(cfg.code_offset <= s < cfg.vocab_size for s in slots)
         else:
             assert cont[i * (L + 2) + 1:(i + 1) * (L + 2) - 1] == [i] * L  # one continuous image per block
-    if bundle.image_path == "continuous":  # each image's clean latents, in both branches, entered the cache
-        assert [(im.row, im.timestep) for im in engine.images] == [(0, 0.0), (1, 0.0)] * 3
+
+
+def test_a_story_guides_only_its_first_image(bundle, monkeypatch):
+    """Later images are edits of the one before: the branch without the prompt would pull them back to its scene."""
+    text = bundle.text
+    _bigram(bundle, {text.encode("x.")[-1]: text.boi_id, text.eoi_id: text.boi_id})  # nothing but images
+    scales, generate = [], Engine.generate_image
+
+    def recorded(self, sampling, guidance, *args, **kwargs):  # the engine's own sampling, its scales on record
+        scales.append(list(guidance))
+        return generate(self, sampling, guidance, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate_image", recorded)
+    steps = Pipeline(bundle).story("x.", max_images=3, sampling=ImageSampling(steps=2, guidance=4.0))
+    assert sum(s.image is not None for s in steps) == 3 and scales == [[4.0], [1.0], [1.0]]
 
 
 # ---------------------------------------------------------------- errors people see

@@ -12,7 +12,7 @@ from anymodal.checkpoint import Bundle, load_bundle, save_bundle
 from anymodal.commands.cli import build_parser, main
 from anymodal.commands.generate import image_sampling
 from anymodal.generate import requests
-from anymodal.generate.settings import KEEP_SOURCE, ImageSampling, TextSampling
+from anymodal.generate.settings import IMAGE_GUIDANCE, KEEP_SOURCE, ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline
 
 SIZE = {"continuous": 32, "discrete": 12}  # 12 px: 3x3 codes keep the discrete path fast
@@ -81,7 +81,7 @@ def test_edit_caption_and_answer_take_paths_and_pair_inputs(continuous, tmp_path
     image = _png(tmp_path / "red.png", 48)  # resized to the bundle's 32 px on load
     edited = requests.edit(pipe, requests.Edit([image], ["make it blue."], sampling=ImageSampling(steps=2)))
     assert edited[0].image.shape == (32, 32, 3) and edited[0].record["image"] == image
-    assert edited[0].record["image_guidance"] == ImageSampling().image_guidance
+    assert edited[0].record["image_guidance"] == IMAGE_GUIDANCE["continuous"]  # unasked: the path's own, on record
     caption = requests.caption(pipe, requests.Caption([image], sampling=TextSampling(max_new_tokens=4)))
     assert caption[0].record == {"image": image, "caption": caption[0].text, "seed": 0,
                                  **{k: (list(v) if isinstance(v, tuple) else v)
@@ -119,7 +119,7 @@ def test_discrete_edits_record_keep_source_and_refuse_a_negative_one(make_system
     ask = lambda keep: requests.edit(pipe, requests.Edit(  # noqa: E731
         [image], ["make it blue."], sampling=ImageSampling(keep_source=keep)))[0]
     out = ask(1e4)  # the source's codes in every slot: its image again, as the tokenizer decodes it
-    assert out.record["keep_source"] == 1e4
+    assert out.record["keep_source"] == 1e4 and out.record["image_guidance"] == IMAGE_GUIDANCE["discrete"]
     src = pipe.encode_image(torch.from_numpy(np.asarray(PILImage.open(image), np.float32) / 255).permute(2, 0, 1))
     assert np.array_equal(out.image, pipe.decode_images(src.codes[None])[0])
     line = requests.command_line("edit", "bundles/x", out.record)

@@ -32,7 +32,7 @@ from anymodal.app.settings import ServeSettings
 from anymodal.checkpoint import load_bundle
 from anymodal.data.images import MAX_BYTES
 from anymodal.generate import requests
-from anymodal.generate.settings import KEEP_SOURCE, ImageSampling
+from anymodal.generate.settings import IMAGE_GUIDANCE, KEEP_SOURCE, ImageSampling
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 IMAGE = ImageSampling()
@@ -151,7 +151,7 @@ class App:
                         decoding: str = "as trained", keep_source: float | None = None) -> ImageSampling:
         # `decoding` is one of DECODING: the page's dropdown refuses any other value in one sentence
         return ImageSampling(steps=_integer("steps", steps, 1, self.settings.max_steps), guidance=float(guidance),
-                             image_guidance=IMAGE.image_guidance if image_guidance is None else float(image_guidance),
+                             image_guidance=None if image_guidance is None else float(image_guidance),
                              parallel_steps=DECODING[decoding],
                              keep_source=None if keep_source is None else float(keep_source))
 
@@ -175,7 +175,7 @@ class App:
         return gallery, records, "\n".join(requests.command_line("t2i", folder, r) for r in records)
 
     def edit(self, bundle: str, image: str | None, instruction: str, steps: float, guidance: float,
-             image_guidance: float, seed: float | None, decoding: str = "as trained",
+             image_guidance: float | None, seed: float | None, decoding: str = "as trained",
              keep_source: float | None = None, progress=gr.Progress()):
         pipe, folder = self._pipeline(bundle)
         if not image:
@@ -299,7 +299,10 @@ class App:
                     with gr.Column():
                         instruction = gr.Textbox(label="instruction", placeholder="make the red circle blue.")
                         steps, seed = steps_and_seed()
-                        cfg, cfg_image = guidance("text guidance"), guidance("image guidance", IMAGE.image_guidance)
+                        cfg = guidance("text guidance")
+                        cfg_image = gr.Number(None, minimum=0, label=f"image guidance (empty: the bundle's path's "
+                                              f"default, {IMAGE_GUIDANCE['continuous']:g} continuous or "
+                                              f"{IMAGE_GUIDANCE['discrete']:g} discrete; 1 = off)")
                         codes = decoding()
                         keep = gr.Number(None, minimum=0, label=f"keep the source (empty: the bundle's path's "
                                          f"default, {KEEP_SOURCE['continuous']:g} continuous or "

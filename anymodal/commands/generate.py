@@ -15,7 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from anymodal.benchmark import TASKS, BenchSettings
-from anymodal.generate.settings import KEEP_SOURCE, PARALLEL_STEPS, ImageSampling, TextSampling
+from anymodal.generate.settings import (
+    IMAGE_GUIDANCE,
+    KEEP_SOURCE,
+    PARALLEL_STEPS,
+    ImageSampling,
+    TextSampling,
+)
 
 console = Console(stderr=True)
 IMAGE, TEXT = ImageSampling(), TextSampling()
@@ -40,7 +46,9 @@ def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_
                    help="classifier-free guidance scale of the text (1 = off)")
     if edits:
         p.add_argument("--image-guidance", "--cfg-image", type=float, default=IMAGE.image_guidance,
-                       help="guidance scale of the source image (1 = off)")
+                       help="guidance scale of the source image (1 = off; default: "
+                        f"{IMAGE_GUIDANCE['discrete']:g} on the discrete path, {IMAGE_GUIDANCE['continuous']:g} "
+                        "on the continuous path)")
         p.add_argument("--keep-source", type=float, default=IMAGE.keep_source,
                        help="how strongly what the instruction does not name stays as it was (0 = not at all; "
                             f"default: {KEEP_SOURCE['discrete']:g} on the discrete path, a log-probability bonus "

@@ -370,7 +370,9 @@ class Engine:
             pred = self.model.image_prediction(hidden, slots).float()  # (R, C, h, w)
             pred = pred.view(self.branches, *shape)
             pred = guide(pred, scales if self._in_interval(i, len(timesteps), sampling) else [1.0] * len(scales))
-            if keep is not None:
+            # Heun's second evaluation of a step (at the step's end, averaged over the whole step) is left as the
+            # model draws it: at the last step's end (sigma 0.001) the pulled latents' velocity is ~1000x too big
+            if keep is not None and getattr(sampler, "state_in_first_order", True):
                 pred = keep_near_source(self.objective, x, pred, t, *keep)
             x = self.objective.step(sampler, pred, t, x, generator=generators)
             if on_step:

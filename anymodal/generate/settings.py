@@ -37,8 +37,9 @@ class ImageSampling:
     """Denoising steps (continuous path)."""
     guidance: float = 3.0
     """Classifier-free guidance scale of the text condition (1 = no guidance)."""
-    image_guidance: float = 1.5
-    """Guidance scale of the source image (editing; 1 = no guidance)."""
+    image_guidance: float | None = None
+    """Guidance scale of the source image (editing; 1 = no guidance; None = `IMAGE_GUIDANCE` of the bundle's
+    path)."""
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     """Apply guidance only on this fraction of the trajectory (0 = first, noisiest step; 1 = end)."""
     sampler: str | None = None
@@ -66,10 +67,15 @@ bundle (with code_positions) 4, 8 and 16 steps drew 0.66, 0.69 and 0.63 of t2i s
 forward 0.36 (benchmarks/README.md)."""
 
 
-KEEP_SOURCE = {"discrete": 3.0, "continuous": 0.7}
-"""`keep_source` of an edit that names none. Fresh edits (seed 11, 300 scenes) of the demo's bundles: chameleon 0.35
-exact against 0.25 with 0 (0.20 against 0.15 on a shorter-trained bundle), transfusion 0.43 against 0.30
-(benchmarks/README.md, "Edits that keep the rest of the image")."""
+KEEP_SOURCE = {"discrete": 3.0, "continuous": 0.3}
+"""`keep_source` of an edit that names none. Fresh edits (300 scenes) of the demo's bundles: chameleon 0.35 exact
+against 0.25 with 0 (seed 11; 0.20 against 0.15 on a shorter-trained bundle). Transfusion: 0.43 against 0.30 on
+an AdamW bundle at 0.7; on three Muon-trained bundles 0.3 with image guidance 2 drew 0.75-0.77 against 0.67-0.72
+at 0.7 and 1.5, seeds 19 and 29 (benchmarks/README.md, "Edits that keep the rest of the image")."""
+
+IMAGE_GUIDANCE = {"discrete": 1.5, "continuous": 2.0}
+"""`image_guidance` of an edit that names none. Chameleon: 1.5 drew 0.40 of 300 fresh edits, 2.0 0.37, 1.0 0.38
+(seed 11); transfusion: see KEEP_SOURCE."""
 
 KEEP_RADIUS = 0.45
 """Continuous `keep_source`: the pull toward the source at a latent position is exp(-(d / KEEP_RADIUS)^2) of
@@ -101,8 +107,10 @@ def decoding(sampling: ImageSampling, config) -> ImageSampling:
 
 
 def resolved(sampling: ImageSampling, config) -> ImageSampling:
-    """`sampling` as a bundle of `config` (its ModelConfig) uses it: `keep_source` resolved for its path (refused
-    in one sentence where the path cannot use it) and, on the discrete path, `decoding`'s parallel steps. The
-    engine samples with it and records keep it."""
-    sampling = dataclasses.replace(sampling, keep_source=keep_source(sampling, config.image_path))
+    """`sampling` as a bundle of `config` (its ModelConfig) uses it: `keep_source` and `image_guidance` resolved
+    for its path (a `keep_source` the path cannot use refused in one sentence) and, on the discrete path,
+    `decoding`'s parallel steps. The engine samples with it and records keep it."""
+    guidance = IMAGE_GUIDANCE[config.image_path] if sampling.image_guidance is None else sampling.image_guidance
+    sampling = dataclasses.replace(sampling, keep_source=keep_source(sampling, config.image_path),
+                                   image_guidance=guidance)
     return decoding(sampling, config) if config.image_path == "discrete" else sampling
