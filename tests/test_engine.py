@@ -385,6 +385,8 @@ def test_story_images_back_to_back_are_closed_by_eoi(bundle):
             assert all(cfg.code_offset <= s < cfg.vocab_size for s in slots)
         else:
             assert cont[i * (L + 2) + 1:(i + 1) * (L + 2) - 1] == [i] * L  # one continuous image per block
+    if bundle.image_path == "continuous":  # each image's clean latents, in both branches, entered the cache
+        assert [(im.row, im.timestep) for im in engine.images] == [(0, 0.0), (1, 0.0)] * 3
 
 
 def test_a_story_guides_only_its_first_image(bundle, monkeypatch):

@@ -429,4 +429,3 @@ def test_text_lm_then_a_two_step_liquid_fit_then_export(tmp_path, tokenizer_dirs
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits,
                                    text_logits(bundle.model, ids), atol=1e-4, rtol=1e-4)
-
