@@ -33,6 +33,20 @@ _EDITS = [
 ]
 
 
+def _plain(instruction: str) -> str:
+    """An instruction as the world writes it: lower case, single spaces, no final period or story word."""
+    text = " ".join(instruction.strip().lower().rstrip(".").split())
+    for word in ("then ", "finally "):
+        text = text[len(word):] if text.startswith(word) else text
+    return text
+
+
+def edit_kind(instruction: str) -> str | None:
+    """Which of the world's edits `instruction` is (EDIT_KINDS), None if it is none of them."""
+    text = _plain(instruction)
+    return next((kind for kind, pattern in _EDITS if pattern.fullmatch(text)), None)
+
+
 def typed(text: str, i: int) -> str:
     """`text` as the i-th person types it: one of four habits (capitalised, with the final period or question
     mark dropped or a period added where there is none; all capitals; doubled and surrounding spaces; title case
@@ -50,9 +64,7 @@ def typed(text: str, i: int) -> str:
 
 def apply_edit(scene: Scene, instruction: str) -> Scene | None:
     """The scene after `instruction` (one of the world's four edits), or None if it does not apply."""
-    text = " ".join(instruction.strip().lower().rstrip(".").split())
-    for word in ("then ", "finally "):
-        text = text[len(word):] if text.startswith(word) else text
+    text = _plain(instruction)
     for kind, pattern in _EDITS:
         m = pattern.fullmatch(text)
         if m is None:
@@ -171,7 +183,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
         instructions = [say(d.meta["instruction"], i) for i, d in enumerate(docs)]
         images = pipe.edit(sources, instructions, seeds, sampling, bs, tick)
         for d, src, ins, im in zip(docs, sources, instructions, images):
-            ok = scorer.add_edit(d.meta["scenes"][1], im, heldout)
+            ok = scorer.add_edit(d.meta["scenes"][1], im, heldout, edit_kind(d.meta["instruction"]))
             if len(kept) < keep:
                 kept.append({"image": array_from_pixels(src), "instruction": ins, "output_image": im, "exact": ok,
                              "read": None if ok else scorer.read(im)})

@@ -13,12 +13,15 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
     assert report == out / "report.html" and report.is_file()
     html = report.read_text()
     for piece in ("t2i_exact", "transfusion", "chameleon", "shapes-vqvae", "shapes-vae", "data:image/png;base64",
-                  "checker read:"):  # two training steps draw no right scene; the report says what it read
+                  "checker read:",  # two training steps draw no right scene; the report says what it read
+                  "<span class='kind'>edit: "):  # edits per kind, under edit_exact
         assert piece in html
     for name in ("chameleon", "transfusion"):
         assert (out / name / "model.safetensors").is_file()
         scores = json.loads((out / f"{name}-scores.json").read_text())["scores"]
         assert set(scores) == {"seen", "heldout", "all"} and scores["all"]["n_t2i"] == 2 + 1
+        kinds = [scores["all"][f"edit_exact_{k}"] for k in ("recolor", "move", "remove", "add")]
+        assert sum(v == v for v in kinds) >= 1  # the 3 edits' kinds are scored (NaN: no edit of that kind)
     assert (out / "overview.png").is_file()
 
 

@@ -18,7 +18,14 @@ from anymodal.data.shapes import (
     random_scene,
     render,
 )
-from anymodal.evaluate.shapes import METRICS, ShapesScorer, parse_caption, parse_image
+from anymodal.evaluate.shapes import (
+    EDIT_KINDS,
+    KIND_METRICS,
+    METRICS,
+    ShapesScorer,
+    parse_caption,
+    parse_image,
+)
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -85,6 +92,27 @@ def test_checker_catches_mistakes():
     assert math.isclose(row["t2i_position"], (2 + 2 + 2 + 2 + 3) / 15)  # and the cell
     assert math.isclose(row["t2i_count"], 3 / 5)
     assert math.isnan(scorer.scores()["heldout"]["t2i_exact"])
+
+
+def test_edits_are_also_scored_per_kind():
+    from anymodal.benchmark import edit_kind
+
+    world = ShapesWorld(size=32, seed=5)
+    rng = np.random.default_rng(5)
+    scorer, kinds = ShapesScorer(), []
+    for _ in range(120):  # ground truth, except every removal shown unedited (the source image)
+        doc = world.document("edit", rng)
+        kinds.append(edit_kind(doc.meta["instruction"]))
+        image = doc.images[0 if kinds[-1] == "remove" else 1].pixels
+        assert scorer.add_edit(doc.meta["scenes"][1], image, kind=kinds[-1]) == (kinds[-1] != "remove")
+    assert set(kinds) == set(EDIT_KINDS)  # every instruction of the world is one of the four kinds
+    row = scorer.scores()["seen"]
+    assert [row[m] for m in KIND_METRICS] == [1.0, 1.0, 0.0, 1.0]  # recolor, move, remove, add
+    assert math.isclose(row["edit_exact"], 1 - kinds.count("remove") / 120)
+    assert math.isnan(scorer.scores()["heldout"]["edit_exact_move"])
+    assert edit_kind("Then make the red circle blue.") == "recolor" and edit_kind("paint it red") is None
+    with pytest.raises(ValueError, match="edit kind 'paint' is not one of recolor, move, remove, add"):
+        scorer.add_edit(doc.meta["scenes"][1], image, kind="paint")
 
 
 @pytest.mark.parametrize("size", [32, 64])

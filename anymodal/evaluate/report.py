@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-from anymodal.evaluate.shapes import METRICS
+from anymodal.evaluate.shapes import KIND_METRICS, TABLE_ROWS
 
 
 def _png_uri(image: np.ndarray, scale: int = 4) -> str:
@@ -39,10 +39,13 @@ def metric_table(results: dict[str, Any]) -> str:
     """Rows: metrics; columns: each path's seen / held-out scores."""
     head = "".join(f"<th>{html.escape(p)} seen</th><th>{html.escape(p)} held-out</th>" for p in results)
     rows = []
-    for m in METRICS:
+    for m in TABLE_ROWS:  # each kind of edit under edit_exact, where any was scored
+        if m in KIND_METRICS and all(_fmt(r.scores.get("all", {}).get(m)) == "-" for r in results.values()):
+            continue
         cells = "".join(f"<td>{_fmt(r.scores['seen'].get(m))}</td><td>{_fmt(r.scores['heldout'].get(m))}</td>"
                         for r in results.values())
-        rows.append(f"<tr><th>{m}</th>{cells}</tr>")
+        name = f"<span class='kind'>edit: {m[len('edit_exact_'):]}</span>" if m in KIND_METRICS else m
+        rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -78,7 +81,8 @@ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th:first-child{t
 img{image-rendering:pixelated;border:1px solid #ddd}.cards{display:flex;flex-wrap:wrap;gap:.8em}
 .card{border:1px solid #ddd;padding:.5em;width:16em;font-size:.85em}.card p{margin:.3em 0}
 .ok{color:#080;font-weight:bold}.bad{color:#b00;font-weight:bold}.truth{color:#666}
-.story{display:flex;flex-wrap:wrap;align-items:center;gap:.3em}.story p{width:100%}"""
+.story{display:flex;flex-wrap:wrap;align-items:center;gap:.3em}.story p{width:100%}
+.kind{font-weight:normal;padding-left:1.2em;color:#444}"""
 
 
 def typed_table(results: dict[str, Any], typed: dict[str, Any]) -> str:

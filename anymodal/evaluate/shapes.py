@@ -167,13 +167,20 @@ METRICS = (
     "edit_exact", "caption_exact", "vqa_acc", "story_exact",
 )  # fmt: skip
 
+EDIT_KINDS = ("recolor", "move", "remove", "add")
+"""The world's four edits. `edit_exact` is also kept per kind (`edit_exact_{kind}`, beside METRICS): the kinds
+fail differently (a recolor that redraws the object's shape, a removal that leaves the object)."""
+KIND_METRICS = tuple(f"edit_exact_{k}" for k in EDIT_KINDS)
+TABLE_ROWS = tuple(r for m in METRICS for r in ((m, *KIND_METRICS) if m == "edit_exact" else (m,)))
+"""Rows of a printed score table: METRICS, each kind of edit under edit_exact."""
+
 
 @dataclass
 class _Tally:
     """Sums behind each metric for one group (seen or held-out)."""
 
-    hits: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in METRICS})
-    totals: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in METRICS})
+    hits: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in METRICS + KIND_METRICS})
+    totals: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in METRICS + KIND_METRICS})
 
     def add(self, metric: str, hit: float, total: float = 1.0) -> None:
         self.hits[metric] += hit
@@ -181,8 +188,8 @@ class _Tally:
 
     def merged(self, other: _Tally) -> _Tally:
         return _Tally(
-            {m: self.hits[m] + other.hits[m] for m in METRICS},
-            {m: self.totals[m] + other.totals[m] for m in METRICS},
+            {m: self.hits[m] + other.hits[m] for m in self.hits},
+            {m: self.totals[m] + other.totals[m] for m in self.totals},
         )
 
 
@@ -191,7 +198,7 @@ class ShapesScorer:
 
     Each `add_*` takes a `heldout` flag (the document's `meta["heldout"]`) and returns
     whether that item was exact. `scores()` gives `{"seen": ..., "heldout": ..., "all": ...}`,
-    each a dict of the METRICS (NaN where nothing was added) and the counts `n_t2i`,
+    each a dict of the METRICS and KIND_METRICS (NaN where nothing was added) and the counts `n_t2i`,
     `n_edit`, `n_caption`, `n_vqa`, `n_story`.
     """
 
@@ -225,9 +232,15 @@ class ShapesScorer:
         tally.add("t2i_count", float(len(parsed) == len(prompt_scene)))
         return parsed == prompt_scene
 
-    def add_edit(self, target_scene: Scene, image: np.ndarray | torch.Tensor, heldout: bool = False) -> bool:
+    def add_edit(self, target_scene: Scene, image: np.ndarray | torch.Tensor, heldout: bool = False,
+                 kind: str | None = None) -> bool:
+        """`kind`: one of EDIT_KINDS, to keep the edit's result in its kind's `edit_exact_{kind}` too."""
+        if kind is not None and kind not in EDIT_KINDS:
+            raise ValueError(f"edit kind {kind!r} is not one of {', '.join(EDIT_KINDS)}")
         exact = self.parse(image) == target_scene
         self._tally(heldout).add("edit_exact", float(exact))
+        if kind is not None:
+            self._tally(heldout).add(f"edit_exact_{kind}", float(exact))
         return exact
 
     def add_caption(self, true_scene: Scene, text: str, heldout: bool = False) -> bool:
@@ -253,7 +266,8 @@ class ShapesScorer:
         groups["all"] = groups["seen"].merged(groups["heldout"])
         table = {}
         for name, tally in groups.items():
-            row = {m: (tally.hits[m] / tally.totals[m] if tally.totals[m] else float("nan")) for m in METRICS}
+            row = {m: (tally.hits[m] / tally.totals[m] if tally.totals[m] else float("nan"))
+                   for m in METRICS + KIND_METRICS}
             row.update(
                 n_t2i=int(tally.totals["t2i_exact"]),
                 n_edit=int(tally.totals["edit_exact"]),
