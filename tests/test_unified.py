@@ -54,6 +54,19 @@ def test_task_mix_switch_turns_the_stream_to_its_tasks_mid_run(fit_args, tmp_pat
         TaskMixSwitch(2, {"captions": 1.0})
 
 
+def test_last_ckpt_is_where_training_stopped_between_two_periodic_saves(fit_args, tmp_path, monkeypatch):
+    """5 steps, a save every 2: last.ckpt holds step 5 (Lightning alone leaves it at step 4)."""
+    monkeypatch.setattr(sys, "argv", ["anymodal"])
+    ckpt = ('{"class_path": "anymodal.systems.callbacks.FinalCheckpoint", "init_args": {"dirpath": "%s", '
+            '"every_n_train_steps": 2, "save_last": true, "save_top_k": -1}}' % (tmp_path / "ckpts"))
+    main(fit_args("--trainer.max_steps=5", f"--trainer.callbacks=[{ckpt}]", "--trainer.enable_checkpointing=true"))
+    steps = lambda f: torch.load(f, map_location="cpu", weights_only=False)["global_step"]  # noqa: E731
+    assert steps(tmp_path / "ckpts" / "last.ckpt") == 5
+    assert sorted(steps(f) for f in (tmp_path / "ckpts").glob("*step=*.ckpt")) == [2, 4]  # the periodic saves
+    recipes = [p for p in (ROOT / "recipes").rglob("*.yaml") if "ModelCheckpoint" in p.read_text()]
+    assert not recipes, f"{recipes} keep last.ckpt at their last periodic save; use FinalCheckpoint"
+
+
 @pytest.mark.parametrize("path", ["continuous", "discrete"])
 def test_two_step_fit_of_each_recipe_through_the_cli(tokenizer_dirs, tmp_path, monkeypatch, path):
     monkeypatch.setattr(sys, "argv", ["anymodal"])  # LightningCLI warns when it sees pytest's arguments too

@@ -1,4 +1,5 @@
-"""Training callbacks: image grids of what a system produces, and throughput with model-FLOPs utilisation.
+"""Training callbacks: image grids of what a system produces, throughput with model-FLOPs utilisation, and
+checkpoints whose `last.ckpt` is the final state.
 
 `ReconstructionGrid` writes originals (top row) above their reconstructions (bottom row) through an
 image tokenizer's public API, `decode(encode(x))`.
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from PIL import Image as PILImage
 
 from anymodal.data.shapes import task_mix
@@ -151,3 +152,18 @@ class TaskMixSwitch(Callback):
         for source in sources:
             source.set_tasks(self.tasks)
         self.switched = True
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose `last.ckpt` is always where training stopped.
+
+    Lightning writes `last.ckpt` at the end of training only when it wrote no checkpoint before, so a run that
+    stops between two periodic saves (the shapes recipes: 2,600 steps, a save every 500) kept `last.ckpt` at
+    step 2,500, and `anymodal export` of it lost the last 100 steps. Here the end of training saves it again
+    whenever the last save was at another step."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
