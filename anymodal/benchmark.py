@@ -33,18 +33,19 @@ _EDITS = [
 ]
 
 
-def _plain(instruction: str) -> str:
-    """An instruction as the world writes it: lower case, single spaces, no final period or story word."""
+def _parse_edit(instruction: str) -> tuple[str, re.Match] | None:
+    """(kind, match) of `instruction` as one of the world's edits (lower case, single spaces, no final period or
+    story word), None if it is none of them."""
     text = " ".join(instruction.strip().lower().rstrip(".").split())
     for word in ("then ", "finally "):
         text = text[len(word):] if text.startswith(word) else text
-    return text
+    return next(((kind, m) for kind, pattern in _EDITS if (m := pattern.fullmatch(text))), None)
 
 
 def edit_kind(instruction: str) -> str | None:
     """Which of the world's edits `instruction` is (EDIT_KINDS), None if it is none of them."""
-    text = _plain(instruction)
-    return next((kind for kind, pattern in _EDITS if pattern.fullmatch(text)), None)
+    parsed = _parse_edit(instruction)
+    return parsed[0] if parsed else None
 
 
 def typed(text: str, i: int) -> str:
@@ -64,24 +65,22 @@ def typed(text: str, i: int) -> str:
 
 def apply_edit(scene: Scene, instruction: str) -> Scene | None:
     """The scene after `instruction` (one of the world's four edits), or None if it does not apply."""
-    text = _plain(instruction)
-    for kind, pattern in _EDITS:
-        m = pattern.fullmatch(text)
-        if m is None:
-            continue
-        target = next((o for o in scene if o.color == m["color"] and o.shape == m["shape"]), None)
-        if kind == "add":
-            new = scene.replace(None, Obj(m["color"], m["shape"], CELL_NAMES.index(m["cell"])))
-        elif target is None:
-            return None
-        elif kind == "recolor":
-            new = scene.replace(target, Obj(m["new"], target.shape, target.cell))
-        elif kind == "move":
-            new = scene.replace(target, Obj(target.color, target.shape, CELL_NAMES.index(m["cell"])))
-        else:
-            new = scene.replace(target, None)
-        return new if new.is_valid() else None
-    return None
+    parsed = _parse_edit(instruction)
+    if parsed is None:
+        return None
+    kind, m = parsed
+    target = next((o for o in scene if o.color == m["color"] and o.shape == m["shape"]), None)
+    if kind == "add":
+        new = scene.replace(None, Obj(m["color"], m["shape"], CELL_NAMES.index(m["cell"])))
+    elif target is None:
+        return None
+    elif kind == "recolor":
+        new = scene.replace(target, Obj(m["new"], target.shape, target.cell))
+    elif kind == "move":
+        new = scene.replace(target, Obj(target.color, target.shape, CELL_NAMES.index(m["cell"])))
+    else:
+        new = scene.replace(target, None)
+    return new if new.is_valid() else None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from anymodal.evaluate.shapes import (
     ShapesScorer,
     parse_caption,
     parse_image,
+    table_rows,
 )
 
 
@@ -110,6 +111,9 @@ def test_edits_are_also_scored_per_kind():
     assert [row[m] for m in KIND_METRICS] == [1.0, 1.0, 0.0, 1.0]  # recolor, move, remove, add
     assert math.isclose(row["edit_exact"], 1 - kinds.count("remove") / 120)
     assert math.isnan(scorer.scores()["heldout"]["edit_exact_move"])
+    rows = table_rows(scorer.scores())  # the kinds under edit_exact; none where no edit was scored
+    assert rows[rows.index(("edit_exact", None)) + 1:][:4] == list(zip(KIND_METRICS, EDIT_KINDS))
+    assert table_rows(ShapesScorer().scores()) == [(m, None) for m in METRICS]
     assert edit_kind("Then make the red circle blue.") == "recolor" and edit_kind("paint it red") is None
     with pytest.raises(ValueError, match="edit kind 'paint' is not one of recolor, move, remove, add"):
         scorer.add_edit(doc.meta["scenes"][1], image, kind="paint")

@@ -239,21 +239,18 @@ def run_generate(ns: argparse.Namespace) -> None:
 
 
 def print_scores(result, title: str) -> None:
-    from anymodal.evaluate.shapes import KIND_METRICS, TABLE_ROWS
+    from anymodal.evaluate.shapes import table_rows
 
     table = Table(title=title)
     table.add_column("metric")
     for group in ("seen", "heldout", "all"):
         table.add_column(group, justify="right")
-    for m in TABLE_ROWS:
-        scored = result.scores.get("all", {}).get(m, float("nan"))
-        if m in KIND_METRICS and scored != scored:
-            continue  # no edit of this kind was scored
+    for m, kind in table_rows(result.scores):
         cells = []
         for group in ("seen", "heldout", "all"):
             v = result.scores.get(group, {}).get(m, float("nan"))
             cells.append("-" if v != v else f"{v:.3f}")
-        table.add_row(f"  {m[len('edit_exact_'):]}" if m in KIND_METRICS else m, *cells)
+        table.add_row(f"  {kind}" if kind else m, *cells)
     Console().print(table)
 
 

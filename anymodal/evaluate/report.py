@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-from anymodal.evaluate.shapes import KIND_METRICS, TABLE_ROWS
+from anymodal.evaluate.shapes import table_rows
 
 
 def _png_uri(image: np.ndarray, scale: int = 4) -> str:
@@ -39,12 +39,10 @@ def metric_table(results: dict[str, Any]) -> str:
     """Rows: metrics; columns: each path's seen / held-out scores."""
     head = "".join(f"<th>{html.escape(p)} seen</th><th>{html.escape(p)} held-out</th>" for p in results)
     rows = []
-    for m in TABLE_ROWS:  # each kind of edit under edit_exact, where any was scored
-        if m in KIND_METRICS and all(_fmt(r.scores.get("all", {}).get(m)) == "-" for r in results.values()):
-            continue
+    for m, kind in table_rows(*(r.scores for r in results.values())):  # each kind of edit under edit_exact
         cells = "".join(f"<td>{_fmt(r.scores['seen'].get(m))}</td><td>{_fmt(r.scores['heldout'].get(m))}</td>"
                         for r in results.values())
-        name = f"<span class='kind'>edit: {m[len('edit_exact_'):]}</span>" if m in KIND_METRICS else m
+        name = f"<span class='kind'>edit: {kind}</span>" if kind else m
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 

@@ -171,16 +171,26 @@ EDIT_KINDS = ("recolor", "move", "remove", "add")
 """The world's four edits. `edit_exact` is also kept per kind (`edit_exact_{kind}`, beside METRICS): the kinds
 fail differently (a recolor that redraws the object's shape, a removal that leaves the object)."""
 KIND_METRICS = tuple(f"edit_exact_{k}" for k in EDIT_KINDS)
-TABLE_ROWS = tuple(r for m in METRICS for r in ((m, *KIND_METRICS) if m == "edit_exact" else (m,)))
-"""Rows of a printed score table: METRICS, each kind of edit under edit_exact."""
+TALLIED = METRICS + KIND_METRICS
+
+
+def table_rows(*tables: dict[str, dict[str, float]]) -> list[tuple[str, str | None]]:
+    """(metric, edit kind or None) rows of a printed score table over `tables` (each `ShapesScorer.scores()`):
+    METRICS, and under edit_exact each kind of edit that any of them scored."""
+    def scored(m: str) -> bool:
+        values = [t.get("all", {}).get(m) for t in tables]
+        return any(v is not None and v == v for v in values)  # NaN: no edit of that kind
+
+    kinds = [(m, kind) for m, kind in zip(KIND_METRICS, EDIT_KINDS) if scored(m)]
+    return [r for m in METRICS for r in ([(m, None), *kinds] if m == "edit_exact" else [(m, None)])]
 
 
 @dataclass
 class _Tally:
     """Sums behind each metric for one group (seen or held-out)."""
 
-    hits: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in METRICS + KIND_METRICS})
-    totals: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in METRICS + KIND_METRICS})
+    hits: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in TALLIED})
+    totals: dict[str, float] = field(default_factory=lambda: {m: 0.0 for m in TALLIED})
 
     def add(self, metric: str, hit: float, total: float = 1.0) -> None:
         self.hits[metric] += hit
@@ -266,8 +276,7 @@ class ShapesScorer:
         groups["all"] = groups["seen"].merged(groups["heldout"])
         table = {}
         for name, tally in groups.items():
-            row = {m: (tally.hits[m] / tally.totals[m] if tally.totals[m] else float("nan"))
-                   for m in METRICS + KIND_METRICS}
+            row = {m: (tally.hits[m] / tally.totals[m] if tally.totals[m] else float("nan")) for m in TALLIED}
             row.update(
                 n_t2i=int(tally.totals["t2i_exact"]),
                 n_edit=int(tally.totals["edit_exact"]),
