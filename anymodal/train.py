@@ -16,12 +16,13 @@ import sys
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def run_lightning(args: list[str]):
+def run_lightning(args: list[str], callbacks: list | tuple = ()):
     """Run LightningCLI on `args` (the subcommand first). Recipes choose classes by class_path.
 
     A recipe key or flag the parser rejects (a misspelled key, a wrong type) and an error a class raises when
     built (a missing tokenizer folder) are reported in one line that names it (`parser_error_sentence`), or, for
     other parser errors, that line followed by jsonargparse's detail (ANYMODAL_DEBUG=1 keeps the whole text).
+    `callbacks` join the recipe's (the demo's lanes add a ProgressFile).
     """
     from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -65,7 +66,7 @@ def run_lightning(args: list[str]):
             args=args,
             save_config_kwargs={"overwrite": True},
             parser_class=Parser,
-            trainer_defaults={"callbacks": [StopOnSignal()]},
+            trainer_defaults={"callbacks": [StopOnSignal(), *callbacks]},
         )
     except ValueError as e:  # a class that raised while being built, as jsonargparse words it
         sentence = parser_error_sentence(str(e))

@@ -2,14 +2,18 @@
 
 import json
 
+import pytest
+
 from anymodal.commands.demo import DemoSettings, run_demo
 
 
-def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lanes", [True, False], ids=["two-lanes", "one-after-another"])
+def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, lanes):
     monkeypatch.chdir(tmp_path.parent)  # runs write under the given out folder only
     out = tmp_path / "demo"
     report = run_demo(DemoSettings(out=str(out), vqvae_steps=2, vae_steps=2, chameleon_steps=2, transfusion_steps=2,
-                                   model_size="debug", n=2, tokenizer_eval_images=8, steps=2, recipe_root=None))
+                                   model_size="debug", n=2, tokenizer_eval_images=8, steps=2, recipe_root=None,
+                                   lanes=lanes))
     assert report == out / "report.html" and report.is_file()
     html = report.read_text()
     for piece in ("t2i_exact", "transfusion", "chameleon", "shapes-vqvae", "shapes-vae", "data:image/png;base64",
@@ -23,6 +27,16 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
         kinds = [scores["all"][f"edit_exact_{k}"] for k in ("recolor", "move", "remove", "add")]
         assert sum(v == v for v in kinds) >= 1  # the 3 edits' kinds are scored (NaN: no edit of that kind)
     assert (out / "overview.png").is_file()
+    timings = json.loads((out / "timings.json").read_text())
+    stages = [f"{verb} {name}" for verb, name in (("train", "shapes-vae"), ("train", "shapes-vqvae"),
+              ("train", "transfusion"), ("train", "chameleon"), ("evaluate", "transfusion"), ("evaluate", "chameleon"))]
+    assert {k.split(" (lane")[0] for k in timings} == {*stages, "total (wall clock)"}
+    if lanes:  # each lane's log holds its stages, in order
+        log = (out / "logs" / "continuous.log").read_text()
+        assert log.index("=== stage train shapes-vae") < log.index("=== stage train transfusion") < \
+            log.index("=== stage evaluate transfusion")
+    else:
+        assert not (out / "logs").exists()
 
 
 def test_auto_precision_picks_bf16_only_where_it_measures_faster(monkeypatch):

@@ -174,7 +174,12 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train and evaluate everything on the shapes world; writes OUT/report.html")
     p.add_argument("--out", default=d.out, help="where runs, bundles and the report go")
     for flag in ("vqvae", "vae", "chameleon", "transfusion"):
-        p.add_argument(f"--{flag}-steps", type=int, default=None, help=f"training steps of the {flag} (default: recipe)")
+        default = getattr(d, f"{flag}_steps")
+        p.add_argument(f"--{flag}-steps", type=int, default=default,
+                       help=f"training steps of the {flag} (default: {default or 'its recipe'})")
+    p.add_argument("--lanes", action=argparse.BooleanOptionalAction, default=d.lanes,
+                   help="train the two image paths side by side, each in a process with half the threads "
+                        "(tokenizer, then model; logs in OUT/logs). Default: with two threads or more")
     p.add_argument("--vqvae-precision", default=d.vqvae_precision,
                    help="precision of the VQ-VAE's training: auto (bf16-mixed where bfloat16 convolutions measure "
                         "faster here, and on CUDA; else the recipe's 32-true), or any Lightning precision")
@@ -196,7 +201,7 @@ def cmd_demo(ns: argparse.Namespace) -> None:
                           vqvae_precision=ns.vqvae_precision, model_precision=ns.model_precision, compile=ns.compile,
                           chameleon_steps=ns.chameleon_steps, transfusion_steps=ns.transfusion_steps,
                           model_size=ns.model_size, n=ns.n, tokenizer_eval_images=ns.tokenizer_eval_images,
-                          steps=ns.steps))
+                          steps=ns.steps, lanes=ns.lanes))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,9 @@
 3. exports the bundles to OUT/chameleon and OUT/transfusion;
 4. runs every task on both with the shapes-world checker;
 5. writes OUT/report.html (samples next to prompts, the metric table) and OUT/overview.png.
+
+With two threads or more, steps 1-4 run in two lanes side by side (anymodal.commands.lanes), each a process with
+half the threads: VAE, transfusion, its evaluation; VQ-VAE, chameleon, its evaluation. Logs go to OUT/logs/.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from anymodal.commands.lanes import Stage, lane_threads, run_lanes, write_status
 from anymodal.generate.settings import ImageSampling
 from anymodal.hardware import resolve_precision
 from anymodal.train import run_lightning
@@ -45,10 +49,13 @@ class DemoSettings:
     matmuls faster (AMX or AVX512-BF16: 1.2-1.4x per step, benchmarks/levers.py), else the recipe's 32-true."""
     compile: bool = True
     """torch.compile the decoder of training steps (UnifiedSystem's `compile`: 1.07-1.18x, with bf16 1.4-1.55x)."""
-    chameleon_steps: int | None = None
-    """Training steps of the discrete-path model (None: its recipe's)."""
-    transfusion_steps: int | None = None
-    """Training steps of the continuous-path model (None: its recipe's)."""
+    chameleon_steps: int | None = 3000
+    """Training steps of the discrete-path model (None: its recipe's 2,600). 3,000 fit the 20 minutes in lanes."""
+    transfusion_steps: int | None = 3000
+    """Training steps of the continuous-path model (None: its recipe's 2,600)."""
+    lanes: bool | None = None
+    """Train the two image paths side by side, each in a process with half the threads (None: where this process
+    has two threads or more). On 2 cores each model then makes 1.16-1.2x the steps in the same time."""
     model_size: str | None = None
     """Named decoder size of both models (None: the recipes'; anymodal.config.SIZES)."""
     n: int = 100
@@ -63,9 +70,12 @@ class DemoSettings:
     """Folder holding recipes/ (None: the repository this package was installed from)."""
 
 
-def _fit(args: list[str], final: Path | None = None) -> None:
-    """`anymodal fit` in this process; with `final`, the trained state is saved there."""
-    cli = run_lightning(["fit", *args])
+def _fit(args: list[str], final: Path | None = None, status: str | None = None, label: str = "fit") -> None:
+    """`anymodal fit` in this process; with `final`, the trained state is saved there; with `status`, the steps
+    are written to that file (a lane's progress bar)."""
+    from anymodal.systems.callbacks import ProgressFile
+
+    cli = run_lightning(["fit", *args], callbacks=[ProgressFile(status, label)] if status else [])
     if final is not None:
         cli.trainer.save_checkpoint(final)
 
@@ -74,83 +84,130 @@ def _override(flag: str, value) -> list[str]:
     return [] if value is None else [f"--{flag}", str(value)]
 
 
-def run_demo(s: DemoSettings) -> Path:
-    from anymodal.benchmark import BenchSettings, run_shapes_bench
-    from anymodal.checkpoint import export_checkpoint, load_bundle
-    from anymodal.commands.generate import print_scores
+def train_tokenizer(name: str, recipe: Path, out: Path, steps: int | None, precision: str | None,
+                    eval_images: int, status: str | None = None) -> None:
+    """Train the image tokenizer `name` into OUT/tokenizers/NAME and write its reconstruction metrics to
+    OUT/runs/NAME/tokenizer-metrics.json."""
     from anymodal.data.shapes import ShapesWorld
     from anymodal.evaluate.reconstruction import evaluate_image_tokenizer
-    from anymodal.evaluate.report import write_overview, write_report
-    from anymodal.generate.tasks import Pipeline
     from anymodal.tokenizers.image import load_image_tokenizer
 
+    run_dir, tok_dir = out / "runs" / name, out / "tokenizers" / name
+    _fit(["--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
+          "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps),
+          *_override("trainer.precision", precision)], status=status, label=f"train {name}")
+    if status:
+        write_status(status, f"score {name}")
+    metrics = evaluate_image_tokenizer(load_image_tokenizer(tok_dir), ShapesWorld(size=32, seed=4242), n=eval_images)
+    (run_dir / "tokenizer-metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
+
+def train_model(name: str, recipe: Path, tokenizer: str, out: Path, root: Path, steps: int | None,
+                size: str | None, precision: str | None, compile: bool, status: str | None = None) -> None:
+    """Train the unified model `name` on OUT/tokenizers/TOKENIZER and export its bundle to OUT/NAME."""
+    from anymodal.checkpoint import export_checkpoint
+
+    run_dir = out / "runs" / name
+    _fit(["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
+          "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+          "--model.init_args.image_tokenizer", str(out / "tokenizers" / tokenizer),
+          "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
+          *_override("trainer.max_steps", steps), *_override("model.init_args.size", size),
+          *_override("trainer.precision", precision), "--model.init_args.compile", str(compile).lower()],
+         final=run_dir / "final.ckpt", status=status, label=f"train {name}")
+    if status:
+        write_status(status, f"export {name}")
+    export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
+
+
+def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: str | None = None):
+    """Score the bundle OUT/NAME on every task, and again with prompts as people type them; write
+    OUT/NAME-scores.json and return both BenchResults."""
+    from anymodal.benchmark import BenchSettings, run_shapes_bench
+    from anymodal.checkpoint import load_bundle
+    from anymodal.commands.generate import print_scores
+    from anymodal.generate.tasks import Pipeline
+
+    def progress(part: str):
+        if status:
+            return lambda task, done, total: write_status(status, f"evaluate {name}{part}: {task}", done, total)
+
+    bundle = load_bundle(out / name)
+    result = run_shapes_bench(Pipeline(bundle), BenchSettings(n=n, seed=seed, sampling=ImageSampling(steps=steps)),
+                              HOLDOUT, progress=progress(""))
+    print_scores(result, f"{name} ({bundle.image_path} path)")
+    typed = run_shapes_bench(Pipeline(bundle), BenchSettings(  # the first half of the same scenes
+        n=max(1, n // 2), seed=seed, sampling=ImageSampling(steps=steps), story_n=20,
+        tasks=("t2i", "edit", "vqa", "story"), typed=True), HOLDOUT, keep_samples=0, progress=progress(", typed"))
+    print_scores(typed, f"{name}, prompts as people type them")
+    (out / f"{name}-scores.json").write_text(json.dumps(
+        {"scores": result.scores, "settings": result.settings, "seconds": result.seconds,
+         "typed_scores": typed.scores}, indent=2, default=float))
+    return result, typed
+
+
+def run_demo(s: DemoSettings) -> Path:
+    from anymodal.evaluate.report import write_overview, write_report
+
+    start = time.perf_counter()
     out = Path(s.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     root = Path(s.recipe_root) if s.recipe_root else Path(__file__).resolve().parents[2]
     if not (root / "recipes").is_dir():
         raise FileNotFoundError(f"no recipes/ folder under {root}; run the demo from the repository "
                                 "(make demo) or pass recipe_root")
-    timings: dict[str, float] = {}
-    tok_metrics: dict[str, dict] = {}
-    grids: dict[str, Path] = {}
-
-    def stage(name: str):
-        console.rule(f"[bold]{name}")
-        return time.perf_counter()
-
-    tokenizer_stages = (
-        ("shapes-vqvae", root / "recipes/tokenizers/vqvae-shapes.yaml", s.vqvae_steps,
-         resolve_precision(s.vqvae_precision, "conv")),
-        ("shapes-vae", root / "recipes/tokenizers/vae-shapes.yaml", s.vae_steps, None))
-    for name, recipe, steps, precision in tokenizer_stages:
-        t0 = stage(f"image tokenizer {name}" + (f" ({precision})" if precision else ""))
-        run_dir, tok_dir = out / "runs" / name, out / "tokenizers" / name
-        _fit(["--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
-              "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps),
-              *_override("trainer.precision", precision)])
-        tok = load_image_tokenizer(tok_dir)
-        tok_metrics[name] = evaluate_image_tokenizer(tok, ShapesWorld(size=32, seed=4242), n=s.tokenizer_eval_images)
-        grid = sorted(run_dir.rglob("*.png"), key=lambda p: p.stat().st_mtime)
-        grids[name] = grid[-1] if grid else None
-        timings[f"train {name}"] = time.perf_counter() - t0
-        console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in tok_metrics[name].items()})
-
-    results, typed = {}, {}
+    threads = torch.get_num_threads()
+    lanes = threads >= 2 if s.lanes is None else s.lanes
     model_precision = resolve_precision(s.model_precision)
-    for name, recipe, tok, steps in (
-            ("transfusion", root / "recipes/models/transfusion-shapes.yaml", "shapes-vae", s.transfusion_steps),
-            ("chameleon", root / "recipes/models/chameleon-shapes.yaml", "shapes-vqvae", s.chameleon_steps)):
-        t0 = stage(f"unified model: {name}" + (f" ({model_precision})" if model_precision else ""))
-        run_dir = out / "runs" / name
-        _fit(["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
-              "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-              "--model.init_args.image_tokenizer", str(out / "tokenizers" / tok),
-              "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
-              *_override("trainer.max_steps", steps), *_override("model.init_args.size", s.model_size),
-              *_override("trainer.precision", model_precision), "--model.init_args.compile", str(s.compile).lower()],
-             final=run_dir / "final.ckpt")
-        export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
-        timings[f"train {name}"] = time.perf_counter() - t0
-        t0 = stage(f"evaluate {name}")
-        bundle = load_bundle(out / name)
-        settings = BenchSettings(n=s.n, seed=s.seed, sampling=ImageSampling(steps=s.steps))
-        results[name] = run_shapes_bench(Pipeline(bundle), settings, HOLDOUT)
-        print_scores(results[name], f"{name} ({bundle.image_path} path)")
-        typed[name] = run_shapes_bench(Pipeline(bundle), BenchSettings(  # the first half of the same scenes
-            n=max(1, s.n // 2), seed=s.seed, sampling=ImageSampling(steps=s.steps), story_n=20,
-            tasks=("t2i", "edit", "vqa", "story"), typed=True), HOLDOUT, keep_samples=0)
-        timings[f"evaluate {name}"] = time.perf_counter() - t0
-        print_scores(typed[name], f"{name}, prompts as people type them")
-        (out / f"{name}-scores.json").write_text(json.dumps(
-            {"scores": results[name].scores, "settings": results[name].settings, "seconds": results[name].seconds,
-             "typed_scores": typed[name].scores}, indent=2, default=float))
+    vqvae_precision = resolve_precision(s.vqvae_precision, "conv")
+    tokenizers = {name: Stage(f"train {name}", train_tokenizer, dict(
+        name=name, recipe=root / "recipes/tokenizers" / recipe, out=out, steps=steps, precision=precision,
+        eval_images=s.tokenizer_eval_images)) for name, recipe, steps, precision in (
+            ("shapes-vqvae", "vqvae-shapes.yaml", s.vqvae_steps, vqvae_precision),
+            ("shapes-vae", "vae-shapes.yaml", s.vae_steps, None))}
+    models = {name: Stage(f"train {name}", train_model, dict(
+        name=name, recipe=root / "recipes/models" / recipe, tokenizer=tok, out=out, root=root, steps=steps,
+        size=s.model_size, precision=model_precision, compile=s.compile)) for name, recipe, tok, steps in (
+            ("transfusion", "transfusion-shapes.yaml", "shapes-vae", s.transfusion_steps),
+            ("chameleon", "chameleon-shapes.yaml", "shapes-vqvae", s.chameleon_steps))}
+    evaluations = {name: Stage(f"evaluate {name}", evaluate_model, dict(name=name, out=out, n=s.n, seed=s.seed,
+                                                                       steps=s.steps)) for name in models}
+    lane_list = {"continuous": [tokenizers["shapes-vae"], models["transfusion"], evaluations["transfusion"]],
+                 "discrete": [tokenizers["shapes-vqvae"], models["chameleon"], evaluations["chameleon"]]}
+    timings: dict[str, float] = {}
+    if lanes:
+        per_lane = lane_threads(len(lane_list), threads)
+        each = f"{per_lane} thread{'s' * (per_lane > 1)}"
+        console.rule(f"[bold]two lanes side by side, {each} each (models in "
+                     f"{model_precision or 'the recipes precision'}; logs in {out / 'logs'})")
+        done = run_lanes(lane_list, out / "logs", threads=per_lane)
+        timings.update((f"{stage} (lane, {each})", v) for stage, v in done.seconds.items())
+        evaluated = done.values
+    else:
+        evaluated = {}
+        for stage in (*tokenizers.values(), *models.values(), *evaluations.values()):
+            console.rule(f"[bold]{stage.name}")
+            t0 = time.perf_counter()
+            value = stage.fn(**stage.kwargs)
+            timings[stage.name] = time.perf_counter() - t0
+            if value is not None:
+                evaluated[stage.name] = value
+    tok_metrics = {name: json.loads((out / "runs" / name / "tokenizer-metrics.json").read_text())
+                   for name in tokenizers}
+    grids = {}
+    for name in tokenizers:
+        found = sorted((out / "runs" / name).rglob("*.png"), key=lambda p: p.stat().st_mtime)
+        grids[name] = found[-1] if found else None
+        console.print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in tok_metrics[name].items()})
 
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}")
+    results = {name: evaluated[f"evaluate {name}"][0] for name in models}
+    typed = {name: evaluated[f"evaluate {name}"][1] for name in models}
+    machine = (f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}")
+    timings["total (wall clock)"] = time.perf_counter() - start
     report = write_report(out / "report.html", results, tok_metrics, grids, timings, machine, typed)
     write_overview(out / "overview.png", results)
     (out / "tokenizer-metrics.json").write_text(json.dumps(tok_metrics, indent=2, default=float))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     console.rule("[bold]done")
-    console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
+    console.print(f"report: {report}  (total {timings['total (wall clock)']:.0f} s)")
     return report

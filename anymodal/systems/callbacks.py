@@ -1,5 +1,5 @@
-"""Training callbacks: image grids of what a system produces, throughput with model-FLOPs utilisation, and
-checkpoints whose `last.ckpt` is the final state.
+"""Training callbacks: image grids of what a system produces, throughput with model-FLOPs utilisation,
+checkpoints whose `last.ckpt` is the final state, and progress written to a file for another process to show.
 
 `ReconstructionGrid` writes originals (top row) above their reconstructions (bottom row) through an
 image tokenizer's public API, `decode(encode(x))`.
@@ -7,6 +7,8 @@ image tokenizer's public API, `decode(encode(x))`.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from PIL import Image as PILImage
 
+from anymodal.atomic import write_text
 from anymodal.data.shapes import task_mix
 
 
@@ -167,3 +170,29 @@ class FinalCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+
+class ProgressFile(Callback):
+    """Writes `{"label", "step", "total"}` as JSON to `path` (atomically) at most every `every_s` seconds and at
+    the end of training: how the demo's lanes (anymodal.commands.lanes) show the steps of a run whose output goes
+    to a log file."""
+
+    def __init__(self, path: str | Path, label: str = "fit", every_s: float = 1.0) -> None:
+        self.path, self.label, self.every_s = Path(path), label, every_s
+        self._written = float("-inf")
+
+    def write(self, trainer: Trainer) -> None:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        write_text(self.path, json.dumps({"label": self.label, "step": trainer.global_step, "total": total}))
+        self._written = time.monotonic()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.write(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.is_global_zero and time.monotonic() - self._written >= self.every_s:
+            self.write(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.write(trainer)
