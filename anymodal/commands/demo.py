@@ -55,7 +55,7 @@ class DemoSettings:
     """Training steps of the continuous-path model (None: its recipe's 2,600)."""
     lanes: bool | None = None
     """Train the two image paths side by side, each in a process with half the threads (None: where this process
-    has two threads or more). On 2 cores each model then makes 1.16-1.2x the steps in the same time."""
+    has two threads or more). On 2 cores each model then makes 1.06-1.11x the steps per second."""
     model_size: str | None = None
     """Named decoder size of both models (None: the recipes'; anymodal.config.SIZES)."""
     n: int = 100

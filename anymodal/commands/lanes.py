@@ -13,9 +13,10 @@ stage function is a module-level function called as `fn(**kwargs, status=path)`;
 the lane's bar shows them. Return values come back pickled through a file the lane writes and this process
 reads once and deletes (they are this program's own objects, e.g. the demo's scores and samples).
 
-Why: on a 2-core CPU the demo's two small unified models trained side by side at one thread each make 1.16-1.2x
-the steps of the two trained one after the other at two threads (benchmarks/README.md): a step of these models
-is mostly per-op overhead, which a second thread does not halve.
+Why: a training step of the demo's small models is mostly per-op overhead, which a second thread does not halve.
+On a 2-core CPU the demo's tokenizers and models trained in two lanes of one thread made 3,000 steps per model in
+1,081-1,128 s, against 2,600 in 1,036 s one after the other at two threads: 1.06-1.11x the steps per second
+(benchmarks/README.md, "Two lanes"). The tokenizers' convolutions do scale with threads (1.8-1.9x slower at one).
 """
 
 from __future__ import annotations
