@@ -199,3 +199,30 @@ def test_the_recipe_trains_a_parallel_bundle_that_the_commands_sample(tokenizer_
         assert out.record["parallel_steps"] == used and seen[-1].total == (used or pipe.bundle.config.slots)
         line = requests.command_line("t2i", str(tmp_path / "bundle"), out.record)
         assert image_sampling(build_parser().parse_args(shlex.split(line)[1:])).parallel_steps == used
+
+
+def test_changed_code_weights_mark_the_codes_an_edit_changes_at_their_targets(make_system):
+    from anymodal.losses import changed_code_weights
+
+    system = make_system("discrete", parallel_images=1.0)
+    batch, _ = system.encode_images(encoded_batch(system, ["t2i", "edit"], seq_len=400, rows=1))
+    images = batch.image_slots(DISCRETE_IMAGE)  # t2i image; edit source; edit result
+    (_, _, n, _), (rs, offs, _, _), (r, off, _, _) = images[0], images[1], images[2]
+    changed = batch.tokens[r, off:off + n] != batch.tokens[rs, offs:offs + n]  # (n,)
+    assert changed.any() and not changed.all()  # blank background keeps its code
+    assert torch.equal(changed_code_weights(batch, 1.0), torch.ones(batch.tokens.shape))
+    w = changed_code_weights(batch, 5.0)
+    expected = torch.ones(batch.tokens.shape)
+    expected[r, off - 1:off - 1 + n][changed] = 5.0  # position p predicts code p + 1
+    assert torch.equal(w, expected)  # the t2i image and the edit's source (no reference in place) stay 1
+    w = changed_code_weights(batch, 5.0, masked=[(r, off, n)])  # MaskGIT: each slot predicts its own code
+    expected = torch.ones(batch.tokens.shape)
+    expected[r, off:off + n][changed] = 5.0
+    assert torch.equal(w, expected)
+    losses = {}
+    for weight in (1.0, 5.0):  # the same masking both times (it is seeded by the step)
+        system.hparams.changed_code_weight = weight
+        losses[weight] = system.compute_losses(batch)
+    assert losses[1.0].codes != losses[5.0].codes and losses[1.0].text == losses[5.0].text
+    with pytest.raises(ValueError, match="changed_code_weight=0 must be positive"):
+        make_system("discrete", changed_code_weight=0)

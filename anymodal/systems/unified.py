@@ -23,7 +23,14 @@ from anymodal.data.sequence import SequenceEncoder
 from anymodal.diffusion.schedule import build_objective
 from anymodal.flops import TokenFlops, training_flops_per_token
 from anymodal.layout import build_layout, reference_latents
-from anymodal.losses import Losses, combine, diffusion_loss, token_losses, trained_positions
+from anymodal.losses import (
+    Losses,
+    changed_code_weights,
+    combine,
+    diffusion_loss,
+    token_losses,
+    trained_positions,
+)
 from anymodal.masks import build_attention_mask
 from anymodal.model.hf import init_from_lm, read_lm_arch
 from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
@@ -50,6 +57,7 @@ class UnifiedSystem(LightningModule):
         objective: Literal["flow", "ddpm"] = "flow",
         diffusion_weight: float = 5.0,
         code_weight: float = 1.0,
+        changed_code_weight: float = 1.0,
         code_init: Literal["random", "codebook"] = "random",
         parallel_images: float = 0.0,
         context_policy: Literal["clean_and_noised", "shared"] = "clean_and_noised",
@@ -90,6 +98,10 @@ class UnifiedSystem(LightningModule):
             objective: diffusion objective of the continuous path: flow (velocity) or ddpm (noise).
             diffusion_weight: lambda in CE + lambda * diffusion MSE (Transfusion used 5).
             code_weight: weight of the image-code cross-entropy relative to text (discrete path).
+            changed_code_weight: discrete path: weight, inside the code cross-entropy, of each code of an image
+                that differs from the code in the same place of the image before it in its document (an edit's
+                source, a story's previous picture; `anymodal.losses.changed_code_weights`); 1: all codes alike.
+                At the demo's budget 3 and 8 did not win (benchmarks/README.md, "Changed codes weighted").
             code_init: how the image-code rows of the embedding and the LM head start (discrete path): `random`
                 like every row, or `codebook`: the VQ-VAE's code vectors through one fixed random projection to
                 the model's width, scaled to the rows' own spread, so codes that look alike start alike.
@@ -147,6 +159,8 @@ class UnifiedSystem(LightningModule):
         if self.image_tokenizer is not None:
             self.image_tokenizer.requires_grad_(False).eval()
         self.discrete = self.image_spec.kind == "vqvae"
+        if changed_code_weight <= 0:
+            raise ValueError(f"changed_code_weight={changed_code_weight} must be positive (1: every code alike)")
         if not 0.0 <= parallel_images <= 1.0:
             raise ValueError(f"parallel_images={parallel_images} is a share of images: it must lie in [0, 1]")
         if parallel_images > 0 and not self.discrete:
@@ -281,6 +295,7 @@ class UnifiedSystem(LightningModule):
         batch, latents = self.encode_images(batch)
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         masked: list[tuple[int, int, int]] = []
+        coded = batch  # the codes in their slots, before any are masked
         if self.hparams.parallel_images > 0:  # some final images trained MaskGIT-style (anymodal.parallel)
             tokens, targets2d, masked = mask_for_training(batch, self.hparams.parallel_images, model.config.mask_id,
                                                           self.text.eoi_id, self.text.eos_id, generator)
@@ -304,8 +319,10 @@ class UnifiedSystem(LightningModule):
         targets = targets2d.reshape(-1)
         pos = trained_positions(targets2d)
         logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[pos])  # (K, V)
+        weights = (changed_code_weights(coded, self.hparams.changed_code_weight, masked).reshape(-1)[pos]
+                   if self.discrete and self.hparams.changed_code_weight != 1.0 else None)
         text, codes, z = token_losses(logits, targets[pos], self.model_config.code_offset,
-                                      self.model_config.arch.z_loss)
+                                      self.model_config.arch.z_loss, weights)
         diffusion = hidden.new_zeros(())
         if noised is not None and noised.x_t.shape[0]:
             diffusion = diffusion_loss(model.image_prediction(hidden, layout.continuous_slots[batch.noised]),
