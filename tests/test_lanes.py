@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,11 @@ def fail(message: str, status: str) -> None:
 def sleep_then_record(out: str, seconds: float, status: str) -> None:
     time.sleep(seconds)
     Path(out, "woke.json").write_text("{}")
+
+
+def pid_then_sleep(out: str, status: str) -> None:
+    Path(out, "lane.pid").write_text(str(os.getpid()))
+    time.sleep(120)
 
 
 def refused_recipe(recipe: str, status: str) -> None:
@@ -94,3 +102,37 @@ def test_progress_file_holds_the_steps_of_a_fit(tmp_path):
     assert seen[0] == {"label": "train toy", "step": 0, "total": 3}
     assert [s["step"] for s in seen[1:]] == [1, 2, 3, 3]  # every batch (every_s=0), then the end of training
     assert read_status(path) == {"label": "train toy", "step": 3, "total": 3}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has stopped
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _wait_for(predicate, seconds: float = 30.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
+def test_lanes_stop_when_the_demo_process_is_stopped_or_killed(tmp_path, sig):
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from test_lanes import pid_then_sleep; "
+              "from anymodal.commands.lanes import Stage, run_lanes; "
+              "run_lanes({'only': [Stage('nap', pid_then_sleep, {'out': sys.argv[2]})]}, sys.argv[2], threads=1)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pid_file = tmp_path / "lane.pid"
+    assert _wait_for(lambda: pid_file.exists() and pid_file.read_text())
+    lane = int(pid_file.read_text())
+    assert _alive(lane)
+    parent.send_signal(sig)
+    code = parent.wait(30)
+    assert _wait_for(lambda: not _alive(lane)), "the lane outlived the process that started it"
+    if sig == signal.SIGTERM:  # stopped its lanes itself, and says it was terminated
+        assert code == 128 + signal.SIGTERM, parent.stderr.read().decode()[-2000:]

@@ -25,7 +25,9 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -76,6 +78,7 @@ def _lane_main(stages: list[Stage], threads: int, log: str, status: str, timings
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own streams)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for any process this lane starts
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)
@@ -104,6 +107,14 @@ def _lane_main(stages: list[Stage], threads: int, log: str, status: str, timings
         atomic_write_text(timings, json.dumps({"done": done}))
 
 
+def _stop_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    """Send this lane SIGTERM once its parent is gone (killed without the chance to stop its lanes): a training
+    stage then saves `interrupted.ckpt` and exits (anymodal.systems.faults.StopOnSignal), any other stops."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _last_line(log: str | Path) -> str:
     """The log's last line that says `error:` (the CLI's sentence), else its last line."""
     lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
@@ -125,7 +136,8 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
     """Run each lane's stages in its own process, all lanes at once; return the seconds and values of every stage.
 
     threads: threads of each lane (None: `lane_threads`). A lane that fails stops the others, and the error
-    names the lane, the stage, its last line and the log that holds the rest.
+    names the lane, the stage, its last line and the log that holds the rest. Ctrl-C or SIGTERM here stops every
+    lane (a training stage saves `interrupted.ckpt` first); a lane whose parent was killed stops itself.
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +153,11 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
         files[name] = (log, status, timings, values)
         procs[name] = ctx.Process(target=_lane_main, name=f"lane-{name}",
                                   args=(stages, threads, *(str(f) for f in files[name])))
+
+    def stop(signum, frame):  # SIGTERM to this process: stop the lanes (below) and exit as killed by it
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     with Progress(TextColumn("[bold]{task.fields[lane]}"), TextColumn("{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         bars = {name: progress.add_task("starting", total=None, lane=name) for name in lanes}
@@ -162,11 +179,17 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
                 if p.exitcode != 0:
                     raise _lane_error(name, p.exitcode, *files[name])
                 progress.update(bars[name], description="done", completed=1, total=1)
-        finally:
+        finally:  # SIGTERM lets a training lane save interrupted.ckpt; a lane still there after 60 s is killed
             for p in procs.values():
                 if p.is_alive():
                     p.terminate()
-                p.join()
+            for p in procs.values():
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     done = LanesDone({}, {})
     for name in lanes:
         _, _, timings, values = files[name]
