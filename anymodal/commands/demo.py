@@ -120,7 +120,7 @@ def train_model(name: str, recipe: Path, tokenizer: str, out: Path, root: Path, 
     export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
 
 
-def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: str | None = None):
+def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: str | None = None) -> tuple:
     """Score the bundle OUT/NAME on every task, and again with prompts as people type them; write
     OUT/NAME-scores.json and return both BenchResults."""
     from anymodal.benchmark import BenchSettings, run_shapes_bench
