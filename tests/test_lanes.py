@@ -136,3 +136,12 @@ def test_lanes_stop_when_the_demo_process_is_stopped_or_killed(tmp_path, sig):
     assert _wait_for(lambda: not _alive(lane)), "the lane outlived the process that started it"
     if sig == signal.SIGTERM:  # stopped its lanes itself, and says it was terminated
         assert code == 128 + signal.SIGTERM, parent.stderr.read().decode()[-2000:]
+
+
+def test_a_lane_bar_shows_its_running_time():
+    from types import SimpleNamespace
+
+    from anymodal.commands.lanes import LaneElapsed
+
+    assert LaneElapsed().render(SimpleNamespace(elapsed=3725.9)).plain == "1:02:05"
+    assert LaneElapsed().render(SimpleNamespace(elapsed=None)).plain == "0:00:00"  # not started yet

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.text import Text
 
 from anymodal.atomic import write_text as atomic_write_text
 
@@ -55,6 +56,14 @@ class LanesDone:
     """Seconds of every stage, by stage name."""
     values: dict[str, Any]
     """What each stage's function returned, by stage name (stages that returned None are left out)."""
+
+
+class LaneElapsed(ProgressColumn):
+    """The lane's running time. (rich's TimeElapsedColumn stops at the first stage whose bar fills.)"""
+
+    def render(self, task) -> Text:
+        seconds = int(task.elapsed or 0)
+        return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
 def write_status(path: str | Path, label: str, step: int = 0, total: int | None = None) -> None:
@@ -159,8 +168,16 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
 
     previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     with Progress(TextColumn("[bold]{task.fields[lane]}"), TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+                  MofNCompleteColumn(), LaneElapsed()) as progress:
         bars = {name: progress.add_task("starting", total=None, lane=name) for name in lanes}
+        finished: set[str] = set()
+
+        def finish(name: str) -> None:  # a full bar whose time stops at the lane's end
+            if name not in finished:
+                finished.add(name)
+                progress.update(bars[name], description="done", completed=1, total=1)
+                progress.stop_task(bars[name])
+
         try:
             for p in procs.values():
                 p.start()
@@ -171,14 +188,14 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
                         progress.update(bars[name], description=state["label"], completed=state["step"],
                                         total=state["total"])
                     elif p.exitcode == 0:
-                        progress.update(bars[name], description="done", completed=1, total=1)
+                        finish(name)
                     elif p.exitcode is not None:
                         raise _lane_error(name, p.exitcode, *files[name])
                 time.sleep(poll_s)
             for name, p in procs.items():
                 if p.exitcode != 0:
                     raise _lane_error(name, p.exitcode, *files[name])
-                progress.update(bars[name], description="done", completed=1, total=1)
+                finish(name)
         finally:  # SIGTERM lets a training lane save interrupted.ckpt; a lane still there after 60 s is killed
             for p in procs.values():
                 if p.is_alive():
