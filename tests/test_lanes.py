@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from anymodal.commands.lanes import Stage, read_status, run_lanes, write_status
+from anymodal.commands.lanes import Stage, read_status, run_lanes
+from anymodal.systems.callbacks import write_progress
 
 
 def record(out: str, tag: str, status: str) -> dict | None:
@@ -18,7 +19,7 @@ def record(out: str, tag: str, status: str) -> dict | None:
     a value for tags that start with "a"."""
     import torch
 
-    write_status(status, f"record {tag}", 1, 2)
+    write_progress(status, f"record {tag}", 1, 2)
     Path(out, f"{tag}.json").write_text(json.dumps(
         {"pid": os.getpid(), "threads": torch.get_num_threads(), "status": read_status(Path(status))}))
     return {"tag": tag, "tensor": torch.arange(3)} if tag.startswith("a") else None

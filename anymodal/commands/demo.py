@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from anymodal.commands.lanes import Stage, lane_threads, run_lanes, write_status
+from anymodal.commands.lanes import Stage, lane_threads, run_lanes
 from anymodal.generate.settings import ImageSampling
 from anymodal.hardware import resolve_precision
 from anymodal.train import run_lightning
@@ -90,6 +90,7 @@ def train_tokenizer(name: str, recipe: Path, out: Path, steps: int | None, preci
     OUT/runs/NAME/tokenizer-metrics.json."""
     from anymodal.data.shapes import ShapesWorld
     from anymodal.evaluate.reconstruction import evaluate_image_tokenizer
+    from anymodal.systems.callbacks import write_progress
     from anymodal.tokenizers.image import load_image_tokenizer
 
     run_dir, tok_dir = out / "runs" / name, out / "tokenizers" / name
@@ -97,7 +98,7 @@ def train_tokenizer(name: str, recipe: Path, out: Path, steps: int | None, preci
           "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps),
           *_override("trainer.precision", precision)], status=status, label=f"train {name}")
     if status:
-        write_status(status, f"score {name}")
+        write_progress(status, f"score {name}")
     metrics = evaluate_image_tokenizer(load_image_tokenizer(tok_dir), ShapesWorld(size=32, seed=4242), n=eval_images)
     (run_dir / "tokenizer-metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
 
@@ -106,6 +107,7 @@ def train_model(name: str, recipe: Path, tokenizer: str, out: Path, root: Path, 
                 size: str | None, precision: str | None, compile: bool, status: str | None = None) -> None:
     """Train the unified model `name` on OUT/tokenizers/TOKENIZER and export its bundle to OUT/NAME."""
     from anymodal.checkpoint import export_checkpoint
+    from anymodal.systems.callbacks import write_progress
 
     run_dir = out / "runs" / name
     _fit(["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
@@ -116,7 +118,7 @@ def train_model(name: str, recipe: Path, tokenizer: str, out: Path, root: Path, 
           *_override("trainer.precision", precision), "--model.init_args.compile", str(compile).lower()],
          final=run_dir / "final.ckpt", status=status, label=f"train {name}")
     if status:
-        write_status(status, f"export {name}")
+        write_progress(status, f"export {name}")
     export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
 
 
@@ -127,10 +129,11 @@ def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: 
     from anymodal.checkpoint import load_bundle
     from anymodal.commands.generate import print_scores
     from anymodal.generate.tasks import Pipeline
+    from anymodal.systems.callbacks import write_progress
 
     def progress(part: str):
         if status:
-            return lambda task, done, total: write_status(status, f"evaluate {name}{part}: {task}", done, total)
+            return lambda task, done, total: write_progress(status, f"evaluate {name}{part}: {task}", done, total)
 
     bundle = load_bundle(out / name)
     result = run_shapes_bench(Pipeline(bundle), BenchSettings(n=n, seed=seed, sampling=ImageSampling(steps=steps)),

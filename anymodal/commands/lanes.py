@@ -9,8 +9,8 @@ bar each.
 
 A lane runs its stages in order in a fresh (spawned) process whose output goes to `log_dir/<lane>.log`. Each
 stage function is a module-level function called as `fn(**kwargs, status=path)`; a training stage passes
-`ProgressFile(status, label)` to its Trainer (anymodal.systems.callbacks), other stages `write_status`, and
-the lane's bar shows them. Return values come back pickled through a file the lane writes and this process
+`ProgressFile(status, label)` to its Trainer, other stages `write_progress` (both anymodal.systems.callbacks,
+one writer of the format `read_status` reads), and the lane's bar shows them. Return values come back pickled through a file the lane writes and this process
 reads once and deletes (they are this program's own objects, e.g. the demo's scores and samples).
 
 Why: a training step of the demo's small models is mostly per-op overhead, which a second thread does not halve.
@@ -66,11 +66,6 @@ class LaneElapsed(ProgressColumn):
         return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
-def write_status(path: str | Path, label: str, step: int = 0, total: int | None = None) -> None:
-    """What a lane's bar shows: `label` and, for a training stage, `step` of `total`."""
-    atomic_write_text(path, json.dumps({"label": label, "step": step, "total": total}))
-
-
 def read_status(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -90,11 +85,14 @@ def _lane_main(stages: list[Stage], threads: int, log: str, status: str, timings
     threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     import torch
 
+    # here, not at import: the CLI starts without Lightning
+    from anymodal.systems.callbacks import write_progress
+
     torch.set_num_threads(threads)
     done: dict[str, float] = {}
     returned: dict[str, Any] = {}
     for stage in stages:
-        write_status(status, stage.name)
+        write_progress(status, stage.name)
         print(f"=== stage {stage.name}, torch threads: {threads}", flush=True)
         t0 = time.perf_counter()
         try:

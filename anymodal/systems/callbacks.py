@@ -172,6 +172,12 @@ class FinalCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
+def write_progress(path: str | Path, label: str, step: int = 0, total: int | None = None) -> None:
+    """Write `{"label", "step", "total"}` as JSON to `path`, atomically: what a lane's progress bar shows
+    (anymodal.commands.lanes reads it), from ProgressFile during training and from the lanes' other stages."""
+    write_text(path, json.dumps({"label": label, "step": step, "total": total}))
+
+
 class ProgressFile(Callback):
     """Writes `{"label", "step", "total"}` as JSON to `path` (atomically) at most every `every_s` seconds and at
     the end of training: how the demo's lanes (anymodal.commands.lanes) show the steps of a run whose output goes
@@ -183,7 +189,7 @@ class ProgressFile(Callback):
 
     def write(self, trainer: Trainer) -> None:
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        write_text(self.path, json.dumps({"label": self.label, "step": trainer.global_step, "total": total}))
+        write_progress(self.path, self.label, trainer.global_step, total)
         self._written = time.monotonic()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
