@@ -41,16 +41,20 @@ def resolve_precision(precision: str, workload: str = "matmul") -> str | None:
     return "bf16-mixed" if native_bf16(workload) else None
 
 
-def _best_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int, max_seconds: float = 1.0) -> float:
+    """The shortest of up to `repeats` timed calls of `fn` after a warm-up call, stopping once the calls have
+    taken `max_seconds` in all (a CPU that emulates bfloat16 takes about a second for one 1024^3 matmul)."""
     import time
 
+    start = time.perf_counter()
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
+    spent, times = time.perf_counter() - start, []
+    while len(times) < repeats and not (times and spent > max_seconds):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return min(times)
 
 
 def conv_rate(dtype: torch.dtype = torch.float32, channels: int = 64, size: int = 32, batch: int = 8,

@@ -214,7 +214,10 @@ def test_the_api_gives_what_the_requests_give(client, folders, images):
     assert image_sampling(ns) == ImageSampling(steps=3, guidance=2.0)
     # the page's image is the one `anymodal generate` makes with that line
     direct = Pipeline(load_bundle(folders["continuous"])).text_to_image(["a blue square."], [6], ImageSampling(3, 2.0))
-    assert np.array_equal(direct[0], _pixels(gallery[1]["image"]))
+    # the same numbers up to a rounding level: the page samples both seeds in one batch, and CPU kernels may
+    # block a batch of two differently from one (seen on an AVX2-only EPYC)
+    diff = np.abs(direct[0].astype(int) - _pixels(gallery[1]["image"]).astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
     edited, record, line = client.predict("discrete", handle_file(images["red"]), "make it blue.", 2, 3.0, 1.5, 0,
                                           api_name="/edit")

@@ -30,7 +30,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, lane
     timings = json.loads((out / "timings.json").read_text())
     stages = [f"{verb} {name}" for verb, name in (("train", "shapes-vae"), ("train", "shapes-vqvae"),
               ("train", "transfusion"), ("train", "chameleon"), ("evaluate", "transfusion"), ("evaluate", "chameleon"))]
-    assert {k.split(" (lane")[0] for k in timings} == {*stages, "total (wall clock)"}
+    assert {k.split(" (")[0] for k in timings} == {"total", *stages}
+    trained = [k for k in timings if k.startswith("train ")]  # each training stage says its steps
+    assert len(trained) == 4 and all(k.endswith(", 2 steps)" if lanes else "(2 steps)") for k in trained), trained
     if lanes:  # each lane's log holds its stages, in order
         log = (out / "logs" / "continuous.log").read_text()
         assert log.index("=== stage train shapes-vae") < log.index("=== stage train transfusion") < \
@@ -53,3 +55,23 @@ def test_auto_precision_picks_bf16_only_where_it_measures_faster(monkeypatch):
         monkeypatch.setattr(hardware, "conv_rate", lambda dtype, r=conv: r if dtype == torch.bfloat16 else 1.0)
         assert (hardware.resolve_precision("auto"), hardware.resolve_precision("auto", "conv")) == expected
     assert hardware.resolve_precision("32-true") == "32-true"  # None above keeps the recipe's 32-true
+
+
+def test_the_budget_is_shared_out_to_each_lanes_training_stages():
+    from anymodal.commands import demo
+    from anymodal.commands.lanes import Stage
+
+    def lane(*fns):
+        return [Stage(fn.__name__, fn, {}) for fn in fns]
+
+    train_tok, train_model, evaluate = demo.train_tokenizer, demo.train_model, demo.evaluate_model
+    two = lane(train_tok, train_model, evaluate)  # a lane: 40% of its training time to the tokenizer
+    demo.plan_deadlines(two, start=100.0, seconds=1000.0)
+    training = 1000.0 - demo.REPORT_RESERVE_S - demo.EVAL_RESERVE_S
+    assert [s.kwargs.get("deadline") for s in two] == pytest.approx([100 + training * 0.4, 100 + training, None])
+    one = lane(train_tok, train_tok, train_model, train_model, evaluate, evaluate)  # no lanes: all in order
+    demo.plan_deadlines(one, start=0.0, seconds=1000.0)
+    training = 1000.0 - demo.REPORT_RESERVE_S - 2 * demo.EVAL_RESERVE_S
+    assert [s.kwargs["deadline"] for s in one[:4]] == pytest.approx([training * f for f in (0.2, 0.4, 0.7, 1.0)])
+    with pytest.raises(ValueError, match="leaves no time to train"):
+        demo.plan_deadlines(lane(train_model, evaluate), start=0.0, seconds=60.0)

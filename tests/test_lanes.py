@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anymodal.commands.lanes import Stage, read_status, run_lanes
+from anymodal.commands.lanes import Stage, read_json, run_lanes
 from anymodal.systems.callbacks import write_progress
 
 
@@ -21,7 +21,7 @@ def record(out: str, tag: str, status: str) -> dict | None:
 
     write_progress(status, f"record {tag}", 1, 2)
     Path(out, f"{tag}.json").write_text(json.dumps(
-        {"pid": os.getpid(), "threads": torch.get_num_threads(), "status": read_status(Path(status))}))
+        {"pid": os.getpid(), "threads": torch.get_num_threads(), "status": read_json(Path(status))}))
     return {"tag": tag, "tensor": torch.arange(3)} if tag.startswith("a") else None
 
 
@@ -94,7 +94,7 @@ def test_progress_file_holds_the_steps_of_a_fit(tmp_path):
     class Spy(ProgressFile):
         def write(self, trainer):
             super().write(trainer)
-            seen.append(read_status(self.path))
+            seen.append(read_json(self.path))
 
     trainer = Trainer(max_steps=3, callbacks=[Spy(path, "train toy", every_s=0)], logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -102,7 +102,7 @@ def test_progress_file_holds_the_steps_of_a_fit(tmp_path):
     trainer.fit(BoringModel())
     assert seen[0] == {"label": "train toy", "step": 0, "total": 3}
     assert [s["step"] for s in seen[1:]] == [1, 2, 3, 3]  # every batch (every_s=0), then the end of training
-    assert read_status(path) == {"label": "train toy", "step": 3, "total": 3}
+    assert read_json(path) == {"label": "train toy", "step": 3, "total": 3}
 
 
 def _alive(pid: int) -> bool:

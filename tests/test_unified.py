@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from anymodal.generate.engine import Engine
 from anymodal.layout import build_layout, code_slots, reference_latents
 from anymodal.masks import build_attention_mask
 from anymodal.model.unified import ContinuousInput
-from anymodal.systems.callbacks import TaskMixSwitch
+from anymodal.systems.callbacks import TaskMixSwitch, TimeBudget
+from anymodal.train import run_lightning
 
 RECIPES = {"continuous": ROOT / "recipes/models/transfusion-shapes.yaml",
            "discrete": ROOT / "recipes/models/chameleon-shapes.yaml"}
@@ -52,6 +54,25 @@ def test_task_mix_switch_turns_the_stream_to_its_tasks_mid_run(fit_args, tmp_pat
     assert len(diffusion) == 8 and min(diffusion[:2]) > 0 and diffusion[-2:] == [0.0, 0.0]
     with pytest.raises(ValueError, match="unknown task"):  # at start, not at the switch
         TaskMixSwitch(2, {"captions": 1.0})
+
+
+def test_a_time_budget_ends_training_and_its_learning_rate_schedule_together(fit_args):
+    """TimeBudget lowers max_steps to the steps that fit, and the warm-up + cosine schedule, which reads
+    max_steps at each step, comes down to its floor by then (it would stay near its peak with the bound)."""
+    # a deadline already past at the first measurement (step 4): training stops there, not at max_steps
+    budget = TimeBudget(deadline=time.time(), measure_from=2, every=2, round_to=1)
+    cli = run_lightning(fit_args("--trainer.max_steps=50"), callbacks=[budget])
+    assert cli.trainer.global_step == 4 == cli.trainer.max_steps and budget.cap == 50
+    # 3 seconds (the process is warm now: a first fit spends seconds on its first steps)
+    cli = run_lightning(fit_args("--trainer.max_steps=100000", "--model.init_args.warmup_steps=2"),
+                        callbacks=[TimeBudget(3.0, measure_from=2, every=2, round_to=2)])
+    steps, hp = cli.trainer.global_step, cli.model.hparams
+    assert 6 < steps == cli.trainer.max_steps < 100000 and steps % 2 == 0
+    ratios = [g["lr"] / g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups]
+    assert max(ratios) < hp.min_lr_ratio + 0.05, ratios
+    for bad in ({}, {"seconds": 1.0, "deadline": 1.0}, {"seconds": -1.0}):
+        with pytest.raises(ValueError, match="TimeBudget"):
+            TimeBudget(**bad)
 
 
 def test_last_ckpt_is_where_training_stopped_between_two_periodic_saves(fit_args, tmp_path, monkeypatch):

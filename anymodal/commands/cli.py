@@ -173,10 +173,15 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     d = DemoSettings()
     p = sub.add_parser("demo", help="train and evaluate everything on the shapes world; writes OUT/report.html")
     p.add_argument("--out", default=d.out, help="where runs, bundles and the report go")
-    for flag in ("vqvae", "vae", "chameleon", "transfusion"):
-        default = getattr(d, f"{flag}_steps")
-        p.add_argument(f"--{flag}-steps", type=int, default=default,
-                       help=f"training steps of the {flag} (default: {default or 'its recipe'})")
+    p.add_argument("--minutes", type=float, default=d.minutes,
+                   help=f"wall-clock budget of the whole demo (default {d.minutes:g}): each training stage ends by its "
+                        "share of it, with as many steps as fit (at most its --*-steps) and its learning-rate "
+                        "schedule shortened to match; 0: no budget, the steps as given")
+    for flag, default in (("vqvae", "its recipe's"), ("vae", "its recipe's"),
+                          ("chameleon", "as many as the budget allows; without one, its recipe's"),
+                          ("transfusion", "as many as the budget allows; without one, its recipe's")):
+        p.add_argument(f"--{flag}-steps", type=int, default=getattr(d, f"{flag}_steps"),
+                       help=f"training steps of the {flag}, fewer where the budget ends first (default: {default})")
     p.add_argument("--lanes", action=argparse.BooleanOptionalAction, default=d.lanes,
                    help="train the two image paths side by side, each in a process with half the threads "
                         "(tokenizer, then model; logs in OUT/logs). Default: with two threads or more")
@@ -201,7 +206,7 @@ def cmd_demo(ns: argparse.Namespace) -> None:
                           vqvae_precision=ns.vqvae_precision, model_precision=ns.model_precision, compile=ns.compile,
                           chameleon_steps=ns.chameleon_steps, transfusion_steps=ns.transfusion_steps,
                           model_size=ns.model_size, n=ns.n, tokenizer_eval_images=ns.tokenizer_eval_images,
-                          steps=ns.steps, lanes=ns.lanes))
+                          steps=ns.steps, lanes=ns.lanes, minutes=ns.minutes or None))
 
 
 def build_parser() -> argparse.ArgumentParser:

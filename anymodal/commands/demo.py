@@ -8,6 +8,10 @@
 
 With two threads or more, steps 1-4 run in two lanes side by side (anymodal.commands.lanes), each a process with
 half the threads: VAE, transfusion, its evaluation; VQ-VAE, chameleon, its evaluation. Logs go to OUT/logs/.
+
+The demo keeps to a wall-clock budget (20 minutes by default) on any machine: each training stage ends by its
+deadline (`plan_deadlines`), with as many steps as fit and its learning-rate schedule shortened to match
+(anymodal.systems.callbacks.TimeBudget). A slower machine trains fewer steps, and the report says how many.
 """
 
 from __future__ import annotations
@@ -30,6 +34,18 @@ console = Console()
 
 HOLDOUT = ["purple triangle", "cyan circle"]
 
+BUDGET_MAX_STEPS = 20_000
+"""Steps of a model trained under a budget with no --*-steps given: a bound that the budget always cuts first."""
+STAGE_WEIGHTS = {"train_tokenizer": 2.0, "train_model": 3.0}
+"""Shares of a lane's training time: up to 40% for its tokenizer, the rest (and what the tokenizer left) for its
+model. A tokenizer caps its model's images: on an AVX2 machine whose 20 minutes hold 300 VQ-VAE steps at a 20%
+share, its reconstructions read 0.125 exact against 0.998 after the recipe's 800. On the 2-core Zen 5 of the
+README's run the tokenizers end at their recipes' steps well before (138-157 s of about 1,130)."""
+EVAL_RESERVE_S = 70.0
+"""Seconds kept for each evaluation stage after its lane's training (measured: 32-59 s at n=100 on 1 thread)."""
+REPORT_RESERVE_S = 20.0
+"""Seconds kept for the report, the overview and the start of the lanes' processes."""
+
 
 @dataclass
 class DemoSettings:
@@ -49,10 +65,16 @@ class DemoSettings:
     matmuls faster (AMX or AVX512-BF16: 1.2-1.4x per step, benchmarks/levers.py), else the recipe's 32-true."""
     compile: bool = True
     """torch.compile the decoder of training steps (UnifiedSystem's `compile`: 1.07-1.18x, with bf16 1.4-1.55x)."""
-    chameleon_steps: int | None = 3000
-    """Training steps of the discrete-path model (None: its recipe's 2,600). 3,000 fit the 20 minutes in lanes."""
-    transfusion_steps: int | None = 3000
-    """Training steps of the continuous-path model (None: its recipe's 2,600)."""
+    minutes: float | None = 20.0
+    """Wall-clock budget of the whole demo: every training stage ends by its share of it (`plan_deadlines`), with as
+    many steps as fit (at most its --*-steps) and its learning-rate schedule shortened to match. None: every
+    stage trains the steps given (or its recipe's), however long that takes."""
+    chameleon_steps: int | None = None
+    """Training steps of the discrete-path model (None: as many as the budget allows; without a budget, its
+    recipe's 2,600). On the 2-core Zen 5 of the README's run the 20 minutes hold about 3,000."""
+    transfusion_steps: int | None = None
+    """Training steps of the continuous-path model (None: as many as the budget allows; without a budget, its
+    recipe's 2,600)."""
     lanes: bool | None = None
     """Train the two image paths side by side, each in a process with half the threads (None: where this process
     has two threads or more). On 2 cores each model then makes 1.06-1.11x the steps per second."""
@@ -70,14 +92,20 @@ class DemoSettings:
     """Folder holding recipes/ (None: the repository this package was installed from)."""
 
 
-def _fit(args: list[str], final: Path | None = None, status: str | None = None, label: str = "fit") -> None:
+def _fit(args: list[str], final: Path | None = None, status: str | None = None, label: str = "fit",
+         deadline: float | None = None) -> int:
     """`anymodal fit` in this process; with `final`, the trained state is saved there; with `status`, the steps
-    are written to that file (a lane's progress bar)."""
-    from anymodal.systems.callbacks import ProgressFile
+    are written to that file (a lane's progress bar); with `deadline` (a time.time() value), training ends by
+    then (TimeBudget). Returns the steps trained."""
+    from anymodal.systems.callbacks import ProgressFile, TimeBudget
 
-    cli = run_lightning(["fit", *args], callbacks=[ProgressFile(status, label)] if status else [])
+    callbacks = [ProgressFile(status, label)] if status else []
+    if deadline is not None:
+        callbacks.append(TimeBudget(deadline=deadline))
+    cli = run_lightning(["fit", *args], callbacks=callbacks)
     if final is not None:
         cli.trainer.save_checkpoint(final)
+    return cli.trainer.global_step
 
 
 def _override(flag: str, value) -> list[str]:
@@ -85,41 +113,48 @@ def _override(flag: str, value) -> list[str]:
 
 
 def train_tokenizer(name: str, recipe: Path, out: Path, steps: int | None, precision: str | None,
-                    eval_images: int, status: str | None = None) -> None:
-    """Train the image tokenizer `name` into OUT/tokenizers/NAME and write its reconstruction metrics to
-    OUT/runs/NAME/tokenizer-metrics.json."""
+                    eval_images: int, status: str | None = None, deadline: float | None = None) -> dict:
+    """Train the image tokenizer `name` into OUT/tokenizers/NAME (by `deadline`, when given) and write its
+    reconstruction metrics to OUT/runs/NAME/tokenizer-metrics.json; return {"steps": steps trained}."""
     from anymodal.data.shapes import ShapesWorld
     from anymodal.evaluate.reconstruction import evaluate_image_tokenizer
     from anymodal.systems.callbacks import write_progress
     from anymodal.tokenizers.image import load_image_tokenizer
 
     run_dir, tok_dir = out / "runs" / name, out / "tokenizers" / name
-    _fit(["--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
-          "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps),
-          *_override("trainer.precision", precision)], status=status, label=f"train {name}")
+    trained = _fit(["--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
+                    "--model.init_args.export_dir", str(tok_dir), *_override("trainer.max_steps", steps),
+                    *_override("trainer.precision", precision)], status=status, label=f"train {name}",
+                   deadline=deadline)
     if status:
         write_progress(status, f"score {name}")
     metrics = evaluate_image_tokenizer(load_image_tokenizer(tok_dir), ShapesWorld(size=32, seed=4242), n=eval_images)
     (run_dir / "tokenizer-metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return {"steps": trained}
 
 
 def train_model(name: str, recipe: Path, tokenizer: str, out: Path, root: Path, steps: int | None,
-                size: str | None, precision: str | None, compile: bool, status: str | None = None) -> None:
-    """Train the unified model `name` on OUT/tokenizers/TOKENIZER and export its bundle to OUT/NAME."""
+                size: str | None, precision: str | None, compile: bool, status: str | None = None,
+                deadline: float | None = None) -> dict:
+    """Train the unified model `name` on OUT/tokenizers/TOKENIZER (by `deadline`, when given: at most `steps`, or
+    BUDGET_MAX_STEPS) and export its bundle to OUT/NAME; return {"steps": steps trained}."""
     from anymodal.checkpoint import export_checkpoint
     from anymodal.systems.callbacks import write_progress
 
     run_dir = out / "runs" / name
-    _fit(["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
-          "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-          "--model.init_args.image_tokenizer", str(out / "tokenizers" / tokenizer),
-          "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
-          *_override("trainer.max_steps", steps), *_override("model.init_args.size", size),
-          *_override("trainer.precision", precision), "--model.init_args.compile", str(compile).lower()],
-         final=run_dir / "final.ckpt", status=status, label=f"train {name}")
+    if deadline is not None and steps is None:
+        steps = BUDGET_MAX_STEPS
+    args = ["--config", str(recipe), "--config", str(root / "recipes/strategy/cpu.yaml"),
+            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+            "--model.init_args.image_tokenizer", str(out / "tokenizers" / tokenizer),
+            "--model.init_args.text_tokenizer", str(root / "tokenizers/shapes-text"),
+            *_override("trainer.max_steps", steps), *_override("model.init_args.size", size),
+            *_override("trainer.precision", precision), "--model.init_args.compile", str(compile).lower()]
+    trained = _fit(args, final=run_dir / "final.ckpt", status=status, label=f"train {name}", deadline=deadline)
     if status:
         write_progress(status, f"export {name}")
     export_checkpoint(run_dir / "final.ckpt", out / name, {"holdout": HOLDOUT})
+    return {"steps": trained}
 
 
 def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: str | None = None) -> tuple:
@@ -136,10 +171,11 @@ def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: 
             return lambda task, done, total: write_progress(status, f"evaluate {name}{part}: {task}", done, total)
 
     bundle = load_bundle(out / name)
-    result = run_shapes_bench(Pipeline(bundle), BenchSettings(n=n, seed=seed, sampling=ImageSampling(steps=steps)),
+    pipeline = Pipeline(bundle)
+    result = run_shapes_bench(pipeline, BenchSettings(n=n, seed=seed, sampling=ImageSampling(steps=steps)),
                               HOLDOUT, progress=progress(""))
     print_scores(result, f"{name} ({bundle.image_path} path)")
-    typed = run_shapes_bench(Pipeline(bundle), BenchSettings(  # the first half of the same scenes
+    typed = run_shapes_bench(pipeline, BenchSettings(  # the first half of the same scenes
         n=max(1, n // 2), seed=seed, sampling=ImageSampling(steps=steps), story_n=20,
         tasks=("t2i", "edit", "vqa", "story"), typed=True), HOLDOUT, keep_samples=0, progress=progress(", typed"))
     print_scores(typed, f"{name}, prompts as people type them")
@@ -149,10 +185,32 @@ def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: 
     return result, typed
 
 
+def _steps(value) -> list[str]:
+    """['2,950 steps'] for a training stage's return value, else []: a part of its label in the timings."""
+    return [f"{value['steps']:,} steps"] if isinstance(value, dict) and "steps" in value else []
+
+
+def plan_deadlines(stages: list[Stage], start: float, seconds: float) -> None:
+    """Give each training stage of one lane (stages run in order) a `deadline` kwarg: the lane's time, less
+    EVAL_RESERVE_S per evaluation stage and REPORT_RESERVE_S, shared out by STAGE_WEIGHTS in order. A stage
+    that ends early leaves its time to the next."""
+    weights = [STAGE_WEIGHTS.get(stage.fn.__name__, 0.0) for stage in stages]
+    evaluations = sum(stage.fn.__name__ == "evaluate_model" for stage in stages)
+    training = seconds - REPORT_RESERVE_S - EVAL_RESERVE_S * evaluations
+    if training <= 0:
+        raise ValueError(f"a budget of {seconds / 60:g} minutes leaves no time to train: the evaluations and the "
+                         f"report keep {(seconds - training) / 60:.1f}; give --minutes more")
+    done = 0.0
+    for stage, weight in zip(stages, weights):
+        if weight:
+            done += weight
+            stage.kwargs["deadline"] = start + training * done / sum(weights)
+
+
 def run_demo(s: DemoSettings) -> Path:
     from anymodal.evaluate.report import write_overview, write_report
 
-    start = time.perf_counter()
+    start, start_wall = time.perf_counter(), time.time()
     out = Path(s.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     root = Path(s.recipe_root) if s.recipe_root else Path(__file__).resolve().parents[2]
@@ -177,6 +235,10 @@ def run_demo(s: DemoSettings) -> Path:
                                                                        steps=s.steps)) for name in models}
     lane_list = {"continuous": [tokenizers["shapes-vae"], models["transfusion"], evaluations["transfusion"]],
                  "discrete": [tokenizers["shapes-vqvae"], models["chameleon"], evaluations["chameleon"]]}
+    in_order = [*tokenizers.values(), *models.values(), *evaluations.values()]  # without lanes
+    if s.minutes is not None:
+        for stages in lane_list.values() if lanes else [in_order]:
+            plan_deadlines(stages, start_wall, 60 * s.minutes)
     timings: dict[str, float] = {}
     if lanes:
         per_lane = lane_threads(len(lane_list), threads)
@@ -184,15 +246,17 @@ def run_demo(s: DemoSettings) -> Path:
         console.rule(f"[bold]two lanes side by side, {each} each (models in "
                      f"{model_precision or 'the recipes precision'}; logs in {out / 'logs'})")
         done = run_lanes(lane_list, out / "logs", threads=per_lane)
-        timings.update((f"{stage} (lane, {each})", v) for stage, v in done.seconds.items())
         evaluated = done.values
+        timings.update((f"{stage} (lane, {', '.join([each, *_steps(evaluated.get(stage))])})", v)
+                       for stage, v in done.seconds.items())
     else:
         evaluated = {}
-        for stage in (*tokenizers.values(), *models.values(), *evaluations.values()):
+        for stage in in_order:
             console.rule(f"[bold]{stage.name}")
             t0 = time.perf_counter()
             value = stage.fn(**stage.kwargs)
-            timings[stage.name] = time.perf_counter() - t0
+            label = f"{stage.name} ({_steps(value)[0]})" if _steps(value) else stage.name
+            timings[label] = time.perf_counter() - t0
             if value is not None:
                 evaluated[stage.name] = value
     tok_metrics = {name: json.loads((out / "runs" / name / "tokenizer-metrics.json").read_text())

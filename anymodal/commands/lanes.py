@@ -10,7 +10,7 @@ bar each.
 A lane runs its stages in order in a fresh (spawned) process whose output goes to `log_dir/<lane>.log`. Each
 stage function is a module-level function called as `fn(**kwargs, status=path)`; a training stage passes
 `ProgressFile(status, label)` to its Trainer, other stages `write_progress` (both anymodal.systems.callbacks,
-one writer of the format `read_status` reads), and the lane's bar shows them. Return values come back pickled through a file the lane writes and this process
+one writer of the format `read_json` reads), and the lane's bar shows them. Return values come back pickled through a file the lane writes and this process
 reads once and deletes (they are this program's own objects, e.g. the demo's scores and samples).
 
 Why: a training step of the demo's small models is mostly per-op overhead, which a second thread does not halve.
@@ -66,7 +66,8 @@ class LaneElapsed(ProgressColumn):
         return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
-def read_status(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file a lane writes (its status or its timings), or None while it is missing or being replaced."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -181,7 +182,7 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
                 p.start()
             while any(p.is_alive() for p in procs.values()):
                 for name, p in procs.items():
-                    state = read_status(files[name][1])
+                    state = read_json(files[name][1])
                     if state and p.is_alive():
                         progress.update(bars[name], description=state["label"], completed=state["step"],
                                         total=state["total"])
@@ -208,7 +209,7 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
     done = LanesDone({}, {})
     for name in lanes:
         _, _, timings, values = files[name]
-        done.seconds.update((read_status(timings) or {}).get("done", {}))
+        done.seconds.update((read_json(timings) or {}).get("done", {}))
         if values.exists():
             with open(values, "rb") as f:
                 done.values.update(pickle.load(f))  # written by this run's own lane, just now
@@ -217,7 +218,7 @@ def run_lanes(lanes: dict[str, list[Stage]], log_dir: str | Path, threads: int |
 
 
 def _lane_error(name: str, exitcode: int, log: Path, status: Path, timings: Path, values: Path) -> RuntimeError:
-    result = read_status(timings) or {}
+    result = read_json(timings) or {}
     if "failed" in result:
         return RuntimeError(f"lane {name} failed in stage {result['failed']}: {result['error']} (whole log: {log})")
     return RuntimeError(f"lane {name} stopped with exit code {exitcode} before it finished (whole log: {log})")

@@ -202,3 +202,49 @@ class ProgressFile(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             self.write(trainer)
+
+
+class TimeBudget(Callback):
+    """Trains as many steps as fit before a deadline, at most the trainer's `max_steps`.
+
+    From step `measure_from` on (after compilation and the first steps), every `every` steps the mean seconds per
+    step since then set `max_steps` to the steps the time left allows, rounded down to a multiple of `round_to`.
+    A learning-rate schedule that reads `trainer.max_steps` at each step (UnifiedSystem's warm-up and cosine)
+    then ends where training ends. Lightning's own `max_time` stops at the deadline wherever the schedule is,
+    so the learning rate never comes down; this callback exists for that.
+
+    seconds:  the budget, counted from the start of training; or
+    deadline: the wall-clock time (time.time()) by which training ends: a budget shared with other stages."""
+
+    def __init__(self, seconds: float | None = None, deadline: float | None = None, measure_from: int = 50,
+                 every: int = 50, round_to: int = 50) -> None:
+        if (seconds is None) == (deadline is None):
+            raise ValueError("TimeBudget needs exactly one of seconds (from the start of training) and deadline "
+                             "(a time.time() value)")
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"TimeBudget seconds={seconds} must be positive")
+        self.seconds, self.deadline = seconds, deadline
+        self.measure_from, self.every, self.round_to = measure_from, every, max(1, round_to)
+        self.cap: int | None = None
+        self._since: tuple[int, float] | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            raise ValueError("TimeBudget needs trainer.max_steps (an upper bound of the steps)")
+        self.cap = trainer.max_steps
+        if self.seconds is not None:
+            self.deadline = time.time() + self.seconds
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.measure_from or (self._since is None and step > self.measure_from):
+            self._since = (step, time.time())
+            return
+        if self._since is None or (step - self._since[0]) % self.every:
+            return
+        first, since = self._since
+        now = time.time()
+        per_step = (now - since) / (step - first)
+        fits = step + int(max(0.0, self.deadline - now) / per_step)
+        fits = trainer.strategy.broadcast(max(step, fits // self.round_to * self.round_to), 0)  # ranks agree
+        trainer.fit_loop.epoch_loop.max_steps = min(self.cap, fits)

@@ -8,7 +8,6 @@ validation source.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from anymodal.evaluate.reconstruction import codebook_stats, evaluate_image_tokenizer, source_images
+from anymodal.systems.optim import trainer_steps, warmup_cosine
 from anymodal.tokenizers.image import save_image_tokenizer
 from anymodal.tokenizers.vae import VAE, VAEConfig
 from anymodal.tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -33,18 +33,6 @@ def batch_psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of a batch (data range 1, clamped reconstruction, pooled over the batch)."""
     mse = F.mse_loss(recon.detach().float().clamp(0, 1), target)
     return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class TokenizerSystem(LightningModule):
@@ -89,9 +77,8 @@ class TokenizerSystem(LightningModule):
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=(0.9, 0.99),
         )
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, int(total),
-                                                                         self.min_lr_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, lambda: trainer_steps(
+            self.trainer), self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _update_val_metrics(self, recon: torch.Tensor, pixels: torch.Tensor) -> None:

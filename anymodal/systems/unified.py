@@ -9,7 +9,6 @@ starts from a pretrained Hugging Face causal LM (Liquid, LMFusion): its shape, t
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Literal
 
@@ -36,7 +35,7 @@ from anymodal.model.hf import init_from_lm, read_lm_arch
 from anymodal.model.unified import ContinuousInput, ModelConfig, UnifiedModel, build_model_config
 from anymodal.parallel import bidirectional, mask_for_training
 from anymodal.systems.ema import WeightEMA
-from anymodal.systems.optim import build_optimizer, check_optimizer
+from anymodal.systems.optim import build_optimizer, check_optimizer, trainer_steps, warmup_cosine
 from anymodal.tokenizers.fingerprint import image_tokenizer_fingerprint
 from anymodal.tokenizers.image import load_image_tokenizer, read_image_tokenizer_spec
 from anymodal.tokenizers.text import load_text_tokenizer
@@ -448,15 +447,9 @@ class UnifiedSystem(LightningModule):
         opt = build_optimizer(hp.optimizer, self.model, self.param_groups(), hp.lr, tuple(hp.betas), hp.weight_decay)
         if hp.new_rows_lr is not None:
             self.scale_row_steps(opt)
-        total = max(1, self.trainer.estimated_stepping_batches)
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        # the total is read at each step: a TimeBudget callback may lower max_steps during training
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, lambda: trainer_steps(
+            self.trainer), hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
