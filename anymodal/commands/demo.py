@@ -185,9 +185,11 @@ def evaluate_model(name: str, out: Path, n: int, seed: int, steps: int, status: 
     return result, typed
 
 
-def _steps(value) -> list[str]:
-    """['2,950 steps'] for a training stage's return value, else []: a part of its label in the timings."""
-    return [f"{value['steps']:,} steps"] if isinstance(value, dict) and "steps" in value else []
+def _stage_label(name: str, value, *parts: str) -> str:
+    """A stage's key in the timings: its name, then `parts` and, for a training stage, the steps it trained."""
+    if isinstance(value, dict) and "steps" in value:
+        parts = (*parts, f"{value['steps']:,} steps")
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def plan_deadlines(stages: list[Stage], start: float, seconds: float) -> None:
@@ -247,7 +249,7 @@ def run_demo(s: DemoSettings) -> Path:
                      f"{model_precision or 'the recipes precision'}; logs in {out / 'logs'})")
         done = run_lanes(lane_list, out / "logs", threads=per_lane)
         evaluated = done.values
-        timings.update((f"{stage} (lane, {', '.join([each, *_steps(evaluated.get(stage))])})", v)
+        timings.update((_stage_label(stage, evaluated.get(stage), "lane", each), v)
                        for stage, v in done.seconds.items())
     else:
         evaluated = {}
@@ -255,8 +257,7 @@ def run_demo(s: DemoSettings) -> Path:
             console.rule(f"[bold]{stage.name}")
             t0 = time.perf_counter()
             value = stage.fn(**stage.kwargs)
-            label = f"{stage.name} ({_steps(value)[0]})" if _steps(value) else stage.name
-            timings[label] = time.perf_counter() - t0
+            timings[_stage_label(stage.name, value)] = time.perf_counter() - t0
             if value is not None:
                 evaluated[stage.name] = value
     tok_metrics = {name: json.loads((out / "runs" / name / "tokenizer-metrics.json").read_text())

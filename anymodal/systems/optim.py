@@ -112,9 +112,9 @@ class GroupedMuon(torch.optim.Muon):
             for p, update in zip(params, updates):
                 by_shape[p.shape].append((p, update))
             torch._foreach_mul_(params, 1 - lr * decay)
+            dtype = self.newton_schulz_dtype(params[0].device)
             for shape, items in by_shape.items():
-                x = torch.stack([u for _, u in items])  # (n, rows, cols)
-                x = x.to(self.newton_schulz_dtype(x.device))
+                x = torch.stack([u for _, u in items]).to(dtype)  # (n, rows, cols)
                 tall = shape[0] > shape[1]
                 if tall:
                     x = x.mT
