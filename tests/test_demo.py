@@ -61,10 +61,12 @@ def test_the_budget_is_shared_out_to_each_lanes_training_stages():
     from anymodal.commands import demo
     from anymodal.commands.lanes import Stage
 
-    def lane(*fns):
-        return [Stage(fn.__name__, fn, {}) for fn in fns]
+    def lane(*kinds):
+        return [Stage(name, demo.evaluate_model, {}, weight, reserve) for name, weight, reserve in kinds]
 
-    train_tok, train_model, evaluate = demo.train_tokenizer, demo.train_model, demo.evaluate_model
+    train_tok = ("train tokenizer", demo.TOKENIZER_WEIGHT, 0.0)
+    train_model = ("train model", demo.MODEL_WEIGHT, 0.0)
+    evaluate = ("evaluate", 0.0, demo.EVAL_RESERVE_S)
     two = lane(train_tok, train_model, evaluate)  # a lane: 40% of its training time to the tokenizer
     demo.plan_deadlines(two, start=100.0, seconds=1000.0)
     training = 1000.0 - demo.REPORT_RESERVE_S - demo.EVAL_RESERVE_S

@@ -36,9 +36,9 @@ HOLDOUT = ["purple triangle", "cyan circle"]
 
 BUDGET_MAX_STEPS = 20_000
 """Steps of a model trained under a budget with no --*-steps given: a bound that the budget always cuts first."""
-STAGE_WEIGHTS = {"train_tokenizer": 2.0, "train_model": 3.0}
-"""Shares of a lane's training time: up to 40% for its tokenizer, the rest (and what the tokenizer left) for its
-model. A tokenizer caps its model's images: on an AVX2 machine whose 20 minutes hold 300 VQ-VAE steps at a 20%
+TOKENIZER_WEIGHT, MODEL_WEIGHT = 2.0, 3.0
+"""Shares of a lane's training time (Stage.weight): up to 40% for its tokenizer, the rest (and what the tokenizer
+left) for its model. A tokenizer caps its model's images: on an AVX2 machine whose 20 minutes hold 300 VQ-VAE steps at a 20%
 share, its reconstructions read 0.125 exact against 0.998 after the recipe's 800. On the 2-core Zen 5 of the
 README's run the tokenizers end at their recipes' steps well before (138-157 s of about 1,130)."""
 EVAL_RESERVE_S = 70.0
@@ -193,12 +193,11 @@ def _stage_label(name: str, value, *parts: str) -> str:
 
 
 def plan_deadlines(stages: list[Stage], start: float, seconds: float) -> None:
-    """Give each training stage of one lane (stages run in order) a `deadline` kwarg: the lane's time, less
-    EVAL_RESERVE_S per evaluation stage and REPORT_RESERVE_S, shared out by STAGE_WEIGHTS in order. A stage
+    """Give each training stage of one lane (stages run in order; those of `weight` > 0) a `deadline` kwarg: the
+    lane's time, less every stage's `reserve_s` and REPORT_RESERVE_S, shared out by weight in order. A stage
     that ends early leaves its time to the next."""
-    weights = [STAGE_WEIGHTS.get(stage.fn.__name__, 0.0) for stage in stages]
-    evaluations = sum(stage.fn.__name__ == "evaluate_model" for stage in stages)
-    training = seconds - REPORT_RESERVE_S - EVAL_RESERVE_S * evaluations
+    weights = [stage.weight for stage in stages]
+    training = seconds - REPORT_RESERVE_S - sum(stage.reserve_s for stage in stages)
     if training <= 0:
         raise ValueError(f"a budget of {seconds / 60:g} minutes leaves no time to train: the evaluations and the "
                          f"report keep {(seconds - training) / 60:.1f}; give --minutes more")
@@ -225,16 +224,18 @@ def run_demo(s: DemoSettings) -> Path:
     vqvae_precision = resolve_precision(s.vqvae_precision, "conv")
     tokenizers = {name: Stage(f"train {name}", train_tokenizer, dict(
         name=name, recipe=root / "recipes/tokenizers" / recipe, out=out, steps=steps, precision=precision,
-        eval_images=s.tokenizer_eval_images)) for name, recipe, steps, precision in (
+        eval_images=s.tokenizer_eval_images), weight=TOKENIZER_WEIGHT) for name, recipe, steps, precision in (
             ("shapes-vqvae", "vqvae-shapes.yaml", s.vqvae_steps, vqvae_precision),
             ("shapes-vae", "vae-shapes.yaml", s.vae_steps, None))}
     models = {name: Stage(f"train {name}", train_model, dict(
         name=name, recipe=root / "recipes/models" / recipe, tokenizer=tok, out=out, root=root, steps=steps,
-        size=s.model_size, precision=model_precision, compile=s.compile)) for name, recipe, tok, steps in (
+        size=s.model_size, precision=model_precision, compile=s.compile), weight=MODEL_WEIGHT)
+        for name, recipe, tok, steps in (
             ("transfusion", "transfusion-shapes.yaml", "shapes-vae", s.transfusion_steps),
             ("chameleon", "chameleon-shapes.yaml", "shapes-vqvae", s.chameleon_steps))}
     evaluations = {name: Stage(f"evaluate {name}", evaluate_model, dict(name=name, out=out, n=s.n, seed=s.seed,
-                                                                       steps=s.steps)) for name in models}
+                                                                       steps=s.steps), reserve_s=EVAL_RESERVE_S)
+                   for name in models}
     lane_list = {"continuous": [tokenizers["shapes-vae"], models["transfusion"], evaluations["transfusion"]],
                  "discrete": [tokenizers["shapes-vqvae"], models["chameleon"], evaluations["chameleon"]]}
     in_order = [*tokenizers.values(), *models.values(), *evaluations.values()]  # without lanes

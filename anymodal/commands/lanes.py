@@ -48,6 +48,11 @@ class Stage:
     name: str
     fn: Callable[..., Any]
     kwargs: dict = field(default_factory=dict)
+    weight: float = 0.0
+    """Share of its lane's training time under a budget, against the lane's other stages (0: not a training stage;
+    anymodal.commands.demo.plan_deadlines)."""
+    reserve_s: float = 0.0
+    """Seconds kept back from the lane's training time for this stage (an evaluation, say)."""
 
 
 @dataclass
