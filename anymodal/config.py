@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "matmul")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_SCALINGS = {"default": (), "linear": ("factor",),
                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -55,9 +55,10 @@ class ArchConfig:
     """RMSNorm over the head dimension of queries and keys before RoPE (Chameleon/Qwen3-style stability)."""
     z_loss: float = 0.0
     """Weight of the z-loss on the log-partition of the output logits (applied by the loss code); 0 disables it."""
-    attention: Literal["auto", "sdpa", "flex"] = "auto"
-    """Attention backend: 'flex' (FlexAttention with a BlockMask), 'sdpa' (dense boolean mask), or 'auto'
-    (flex on CUDA, sdpa elsewhere)."""
+    attention: Literal["auto", "sdpa", "flex", "matmul"] = "auto"
+    """Attention backend: 'flex' (FlexAttention with a BlockMask), 'sdpa' (dense boolean mask through
+    F.scaled_dot_product_attention), 'matmul' (dense mask, scores materialised: anymodal.nn.attention), or 'auto'
+    (flex on CUDA; elsewhere a dense mask, through matmuls when training in bf16, else SDPA)."""
     checkpoint_activations: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~30% more compute)."""
     init_std: float = 0.02

@@ -105,11 +105,14 @@ def block_mask(
 
 
 def resolve_backend(attention: str, device: torch.device | str) -> Backend:
-    """'auto' -> 'flex' on CUDA, 'sdpa' elsewhere (FlexAttention has no backward on CPU)."""
+    """The mask's form for ArchConfig.attention: 'auto' -> 'flex' on CUDA, 'sdpa' (dense) elsewhere (FlexAttention
+    has no backward on CPU); 'matmul' -> 'sdpa' (a dense mask, run through matmuls by anymodal.nn.attention)."""
     if attention == "auto":
         return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    if attention == "matmul":
+        return "sdpa"
     if attention not in ("sdpa", "flex"):
-        raise ValueError(f"attention backend {attention!r} must be one of auto, sdpa, flex")
+        raise ValueError(f"attention backend {attention!r} must be one of auto, sdpa, flex, matmul")
     return attention  # type: ignore[return-value]
 
 

@@ -60,6 +60,11 @@ LEVERS = {
     # the optimizer: Muon on the decoder blocks' matrices, at the demo's setting (the recipe's rows)
     "bf16 + compile + muon": {"bf16": True, "compile": True, "optimizer": "muon"},
     "bf16 + compile + muon (library loop)": {"bf16": True, "compile": True, "optimizer": "muon", "library_muon": True},
+    # the demo's step with SDPA's kernel for its dense mask, where `auto` runs matmuls in bf16 training on a CPU
+    "bf16 + compile + muon, SDPA attention": {"bf16": True, "compile": True, "optimizer": "muon",
+                                              "arch": {"attention": "sdpa"}},
+    "fp32 + compile + muon, matmul attention": {"compile": True, "optimizer": "muon", "arch": {"attention": "matmul"}},
+    "fp32 + compile + muon": {"compile": True, "optimizer": "muon"},
 }
 
 

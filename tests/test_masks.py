@@ -195,6 +195,46 @@ def test_flex_attention_agrees_with_sdpa_on_the_dense_mask():
         torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
 
 
+def test_matmul_attention_agrees_with_sdpa_forward_and_backward():
+    from anymodal.nn.attention import matmul_attention
+
+    docs = [
+        [[(TEXT, 30), (CONTINUOUS, 40), (TEXT, 20)], [(TEXT, 10), (HIDDEN, 16), (CONTINUOUS, 16), (TEXT, 5)]],
+        [[(TEXT, 5), (DISCRETE, 64), (TEXT, 20), (CONTINUOUS, 36)], [(TEXT, 10)]],
+    ]
+    length = 150  # with padding at the end of both rows
+    ids = [ids_from_layout(row, length) for row in docs]
+    document_ids = torch.stack([d for d, _ in ids])
+    continuous_ids = torch.stack([i for _, i in ids])
+    for q_offset in (0, 100):
+        mask = dense_mask(document_ids, continuous_ids, q_offset=q_offset)
+        gen = torch.Generator().manual_seed(q_offset)
+        q = torch.randn(2, 3, length - q_offset, 16, generator=gen, requires_grad=True)
+        k, v = (torch.randn(2, 3, length, 16, generator=gen, requires_grad=True) for _ in range(2))
+        grad = torch.randn(2, 3, length - q_offset, 16, generator=gen)
+        outs = []
+        for attend in (matmul_attention, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)):
+            out = attend(q, k, v, mask)
+            outs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+        for mine, sdpa in zip(*outs):
+            torch.testing.assert_close(mine, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_the_dense_kernel_is_chosen_by_backend_device_dtype_and_grad():
+    from anymodal.nn.attention import use_matmul_attention
+
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert use_matmul_attention("auto", bf16)  # training in bf16 on a CPU: matmuls
+    assert not use_matmul_attention("auto", fp32)  # fp32: SDPA's kernel is faster
+    assert not use_matmul_attention("sdpa", bf16)
+    assert use_matmul_attention("matmul", fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Lightning's bf16-mixed: q may stay fp32 after RoPE
+        assert use_matmul_attention("auto", fp32)
+    with torch.no_grad():  # sampling: the forward alone gains nothing
+        assert not use_matmul_attention("auto", bf16)
+    assert resolve_backend("matmul", "cpu") == "sdpa"  # its mask is the dense one
+
+
 @pytest.mark.gpu
 def test_block_mask_on_cuda_agrees_with_dense_in_bf16():
     rng = random.Random(2)

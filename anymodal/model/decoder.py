@@ -29,7 +29,7 @@ class Block(nn.Module):
         self.input_layernorm = rms_norm(config.dim, config.norm_eps, config.norm_offset)
         self.self_attn = Attention(
             config.dim, config.n_heads, config.kv_heads, config.qk_norm, config.norm_eps,
-            head_dim=config.head_dim, qkv_bias=config.qkv_bias,
+            head_dim=config.head_dim, qkv_bias=config.qkv_bias, backend=config.attention,
         )
         self.post_attention_layernorm = rms_norm(config.dim, config.norm_eps, config.norm_offset)
         self.mlp = SwiGLU(config.dim, config.mlp_hidden_dim, config.mlp_act)

@@ -1,7 +1,9 @@
 """Multi-head attention with grouped-query heads, optional QK-norm, RoPE, and two backends.
 
-The backend follows the mask: a dense boolean mask runs through `F.scaled_dot_product_attention`, a
-BlockMask through `flex_attention` (compiled on CUDA, eager elsewhere).
+The backend follows the mask: a BlockMask runs through `flex_attention` (compiled on CUDA, eager elsewhere), a
+dense boolean mask through `F.scaled_dot_product_attention` or, where that is slower, through two matmuls and a
+masked softmax (`matmul_attention`): on a CPU in bf16 with gradients, SDPA's flash kernel spends 2.6x as long
+in its backward pass (benchmarks/README.md, "Attention as matmuls").
 """
 
 from __future__ import annotations
@@ -28,6 +30,25 @@ class KVStore(Protocol):
 _compiled_flex_attention = None
 
 
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh), where `mask`) v with the scores materialised: q (B, H, Tq, Dh); k, v (B, H, Tk, Dh);
+    mask (B, 1, Tq, Tk) boolean, True = may attend, at least one True per row (every query sees itself)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Tq, Tk)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+
+
+def use_matmul_attention(backend: str, q: torch.Tensor) -> bool:
+    """Whether a dense mask runs through `matmul_attention`: asked for ('matmul'), or 'auto' on a CPU in bf16 (its
+    tensors, or bf16 autocast) while gradients are on (training). SDPA stays where it is as fast or faster: fp32 (1.5x faster there), and
+    sampling, whose forward alone gains nothing."""
+    if backend == "matmul":
+        return True
+    if backend != "auto" or q.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    return q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")  # RoPE leaves q in fp32 under autocast
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 def _flex_attention(q, k, v, block_mask, enable_gqa):
     """flex_attention, compiled once per process on CUDA (eager flex materialises the scores)."""
     global _compiled_flex_attention
@@ -40,16 +61,18 @@ def _flex_attention(q, k, v, block_mask, enable_gqa):
 
 class Attention(nn.Module):
     """q/k/v/o projections (biases on q/k/v only with `qkv_bias`, as Qwen2); `n_kv_heads` key/value heads
-    shared by groups of query heads; `head_dim` defaults to dim / n_heads."""
+    shared by groups of query heads; `head_dim` defaults to dim / n_heads; `backend` as ArchConfig.attention
+    (it picks the kernel of a dense mask: `use_matmul_attention`)."""
 
     def __init__(
         self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool = False, norm_eps: float = 1e-5,
-        head_dim: int | None = None, qkv_bias: bool = False,
+        head_dim: int | None = None, qkv_bias: bool = False, backend: str = "auto",
     ):
         super().__init__()
         if (head_dim is None and dim % n_heads) or n_heads % n_kv_heads:
             raise ValueError(f"dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads} must divide evenly")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
+        self.backend = backend
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -86,5 +109,8 @@ class Attention(nn.Module):
             if groups > 1:  # plain repeat keeps SDPA on its fast kernels (enable_gqa + a mask may not)
                 k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, Dh)
                 v = v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)  # (B, H, T, Dh)
+            if use_matmul_attention(self.backend, q):
+                out = matmul_attention(q, k, v, mask.dense)  # (B, H, T, Dh)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
