@@ -8,7 +8,8 @@ or, where the lever says so, Muon + AdamW, EMA), with one lever changed at a tim
 - `batch B`: rows per step (tokens per step grow, per-op overhead is shared);
 - `fused adamw`: `torch.optim.AdamW(fused=True)` instead of the per-parameter loop;
 - `bf16 autocast`: `torch.autocast("cpu", torch.bfloat16)` over the forward (what Lightning's `bf16-mixed` does);
-- `compile`: `torch.compile` of the decoder (compile time reported apart);
+- `compile`: `torch.compile` of the decoder and of a VQ-VAE's encode, as `UnifiedSystem(compile=True)` trains
+  (compile time reported apart; `eager encode`: the decoder only);
 - `muon`: `optimizer: muon` (anymodal.systems.optim: Muon on the decoder blocks' matrices, batched per shape),
   and the same with the library's per-matrix `torch.optim.Muon` loop.
 
@@ -60,6 +61,7 @@ LEVERS = {
     # the optimizer: Muon on the decoder blocks' matrices, at the demo's setting (the recipe's rows)
     "bf16 + compile + muon": {"bf16": True, "compile": True, "optimizer": "muon"},
     "bf16 + compile + muon (library loop)": {"bf16": True, "compile": True, "optimizer": "muon", "library_muon": True},
+    "bf16 + compile + muon, eager encode": {"bf16": True, "compile": True, "optimizer": "muon", "eager_encode": True},
     # the demo's step with SDPA's kernel for its dense mask, where `auto` runs matmuls in bf16 training on a CPU
     "bf16 + compile + muon, SDPA attention": {"bf16": True, "compile": True, "optimizer": "muon",
                                               "arch": {"attention": "sdpa"}},
@@ -90,6 +92,7 @@ def run_one(spec: dict) -> dict:
         model_args.update(text_tokenizer=str(tt.TEXT_TOKENIZER), image_tokenizer=str(folder))
         if spec.get("arch"):
             model_args["arch"] = spec["arch"]
+        model_args["compile"] = bool(spec.get("compile"))  # the decoder, and a VQ-VAE's encode, as training does
         torch.manual_seed(0)
         system = UnifiedSystem(**model_args)
         system.configure_model()
@@ -102,8 +105,8 @@ def run_one(spec: dict) -> dict:
     else:
         opt = torch.optim.AdamW(system.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
                                 **({"fused": True} if spec.get("fused") else {}))
-    if spec.get("compile"):
-        system.model.decoder = torch.compile(system.model.decoder)
+    if spec.get("eager_encode") and system._compiled:
+        system._compiled = (system._compiled[0], None)
     sources = [ShapesWorld(**s["init_args"]) for s in data_args["sources"]]
     stream = PackedBatches(sources, system.encoder, seq_len, batch_size, None,
                            data_args.get("drop_text", 0.1), data_args.get("drop_image", 0.1), seed=0)
@@ -111,7 +114,7 @@ def run_one(spec: dict) -> dict:
     t0 = time.perf_counter()
     batches = list(itertools.islice(iter(stream), n))
     data_ms = 1e3 * (time.perf_counter() - t0) / n
-    system.model.train()
+    system.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(spec.get("bf16")))
 
     def step(batch) -> tuple[float, float, float, float]:

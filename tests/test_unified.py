@@ -132,6 +132,27 @@ def test_the_compiled_training_step_equals_the_eager_one(make_system):
     assert "_orig_mod" not in "".join(compiled.model.state_dict())  # checkpoints keep their names
 
 
+def test_compiled_training_encodes_vqvae_images_through_the_compiled_encode(make_system):
+    """compile=True compiles a VQ-VAE's encode for training steps (the VAE's stays eager: slower compiled);
+    validation and sampling encode eagerly, and the two agree on the codes."""
+    from torch._dynamo.utils import counters
+
+    from anymodal.data.stream import PackedBatches
+
+    assert make_system("continuous", compile=True)._compiled[1] is None
+    system = make_system("discrete", compile=True)
+    stream = PackedBatches([ShapesWorld(size=32, seed=0)], system.encoder, 160, 2, None, 0.0, 0.0, seed=0)
+    batch = next(iter(stream))
+    assert batch.image_kind == "pixels" and batch.num_images > 0
+    codes = []
+    for training in (True, False):
+        system.train(training)
+        counters.clear()
+        codes.append(system.encode_images(batch)[0].tokens)
+        assert (counters["stats"]["unique_graphs"] >= 1) == training  # compiled in training only
+    assert (codes[0] == codes[1]).float().mean() > 0.98  # fp32 both; a near tie may round the other way
+
+
 def encoded_documents(system, tasks: list[str], seed: int = 0) -> list[Document]:
     """Shapes-world documents of `tasks`, their images encoded by the system's tokenizer (codes or latents)."""
     rng = np.random.default_rng(seed)

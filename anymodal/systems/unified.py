@@ -132,8 +132,8 @@ class UnifiedSystem(LightningModule):
                 config.json is read, its weights are never loaded (nor saved in checkpoints; export reads them
                 from the folder), and a batch of pixels is refused.
             compile: run the decoder of training steps through `torch.compile` (its shapes are the batch's fixed
-                rows x seq_len, so it compiles once: 15-25 s on two CPU cores). Validation, the EMA and sampling run
-                it eagerly. Measured on the shapes recipes (benchmarks/levers.py): 1.07-1.18x alone, 1.43-1.55x
+                rows x seq_len, so it compiles once: 15-25 s on two CPU cores), and a VQ-VAE's encode of their
+                images. Validation, the EMA and sampling run them eagerly. Measured on the shapes recipes (benchmarks/levers.py): 1.07-1.18x alone, 1.43-1.55x
                 with bf16-mixed on a CPU with native bfloat16.
         """
         super().__init__()
@@ -179,7 +179,8 @@ class UnifiedSystem(LightningModule):
         self.skipped_steps = 0  # steps whose loss or gradient was not finite: no update (saved with checkpoints)
         self._loss: torch.Tensor | None = None  # this step's loss, checked before the optimizer step
         self._skip = False
-        self._compiled: tuple = ()  # (the compiled decoder,): outside the module tree, sharing its weights
+        self._compiled: tuple = ()  # (the compiled decoder, the compiled VQ-VAE encode or None): outside the module
+        # tree, sharing its weights
 
     # ---------------------------------------------------------------- building
     def _model_config(self) -> ModelConfig:
@@ -230,7 +231,12 @@ class UnifiedSystem(LightningModule):
         if sharded:
             self._gather_outside_weights()
         if self.hparams.compile:
-            self._compiled = (torch.compile(self.model.decoder),)
+            # The VQ-VAE's encode too (1.5x, 58 -> 39 ms for a discrete batch's 35 images, bf16, 1 thread; its
+            # codes agree with sampling's fp32 encode on 97.2% of slots, eager bf16 on 95.3%). Not the VAE's:
+            # compiled it is slower (64 against 58 ms). benchmarks/README.md, "Attention as matmuls".
+            vq = self.discrete and self.image_tokenizer is not None
+            self._compiled = (torch.compile(self.model.decoder),
+                              torch.compile(self.image_tokenizer.encode) if vq else None)
 
     @torch.no_grad()
     def _init_code_rows(self) -> None:
@@ -284,7 +290,9 @@ class UnifiedSystem(LightningModule):
                                      "tokenizer weights); train on shards made by `anymodal encode`, or set "
                                      "pre_encoded: false")
                 self.image_tokenizer.to(images.device)
-                images = self.image_tokenizer.encode(images.float())  # fp32, as DeepSpeed's bf16 casts the batch
+                compiled = self._compiled[1] if self._compiled and self.training else None
+                encode = compiled or self.image_tokenizer.encode
+                images = encode(images.float())  # fp32, as DeepSpeed's bf16 casts the batch
         if self.discrete:
             return batch.fill_codes(images, self.model_config.code_offset), None
         return batch, images.float()
