@@ -38,9 +38,9 @@ BUDGET_MAX_STEPS = 20_000
 """Steps of a model trained under a budget with no --*-steps given: a bound that the budget always cuts first."""
 TOKENIZER_WEIGHT, MODEL_WEIGHT = 2.0, 3.0
 """Shares of a lane's training time (Stage.weight): up to 40% for its tokenizer, the rest (and what the tokenizer
-left) for its model. A tokenizer caps its model's images: on an AVX2 machine whose 20 minutes hold 300 VQ-VAE steps at a 20%
-share, its reconstructions read 0.125 exact against 0.998 after the recipe's 800. On the 2-core Zen 5 of the
-README's run the tokenizers end at their recipes' steps well before (138-157 s of about 1,130)."""
+left) for its model. A tokenizer caps its model's images: on an AVX2 machine whose 20 minutes hold 300 VQ-VAE
+steps at a 20% share, its reconstructions read 0.125 exact against 0.998 after the recipe's 800. On the 2-core
+Zen 5 of the README's run the tokenizers end at their recipes' steps well before (138-157 s of about 1,130)."""
 EVAL_RESERVE_S = 70.0
 """Seconds kept for each evaluation stage after its lane's training (measured: 32-59 s at n=100 on 1 thread)."""
 REPORT_RESERVE_S = 20.0
@@ -64,7 +64,8 @@ class DemoSettings:
     """Lightning precision of both unified models; `auto`: bf16-mixed where this machine measures bfloat16
     matmuls faster (AMX or AVX512-BF16: 1.2-1.4x per step, benchmarks/levers.py), else the recipe's 32-true."""
     compile: bool = True
-    """torch.compile the decoder of training steps (UnifiedSystem's `compile`: 1.07-1.18x, with bf16 1.4-1.55x)."""
+    """torch.compile the decoder of training steps, and the VQ-VAE's encode of their images (UnifiedSystem's
+    `compile`: 1.07-1.18x, with bf16 1.4-1.55x; the encode 1.12x more on chameleon's step)."""
     minutes: float | None = 20.0
     """Wall-clock budget of the whole demo: every training stage ends by its share of it (`plan_deadlines`), with as
     many steps as fit (at most its --*-steps) and its learning-rate schedule shortened to match. None: every

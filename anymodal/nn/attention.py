@@ -31,16 +31,18 @@ _compiled_flex_attention = None
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh), where `mask`) v with the scores materialised: q (B, H, Tq, Dh); k, v (B, H, Tk, Dh);
-    mask (B, 1, Tq, Tk) boolean, True = may attend, at least one True per row (every query sees itself)."""
+    """softmax(q k^T / sqrt(Dh), where `mask`) v with the scores materialised.
+
+    q (B, H, Tq, Dh); k, v (B, H, Tk, Dh); mask (B, 1, Tq, Tk) boolean, True = may attend, at least one True per
+    row (every query sees itself)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Tq, Tk)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
 
 
 def use_matmul_attention(backend: str, q: torch.Tensor) -> bool:
     """Whether a dense mask runs through `matmul_attention`: asked for ('matmul'), or 'auto' on a CPU in bf16 (its
-    tensors, or bf16 autocast) while gradients are on (training). SDPA stays where it is as fast or faster: fp32 (1.5x faster there), and
-    sampling, whose forward alone gains nothing."""
+    tensors, or bf16 autocast) while gradients are on (training). SDPA stays where it is as fast or faster: in
+    fp32 (1.5x faster there) and in sampling, whose forward alone gains nothing."""
     if backend == "matmul":
         return True
     if backend != "auto" or q.device.type != "cpu" or not torch.is_grad_enabled():
