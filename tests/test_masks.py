@@ -180,16 +180,22 @@ def _flex_vs_sdpa(document_ids, continuous_ids, q_offset, device="cpu", dtype=to
     return out_flex, out_sdpa
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_agrees_with_sdpa_on_the_dense_mask():
+PACKED_LENGTH = 150  # not a multiple of flex's 128 block size, and with padding at the end of both rows
+
+
+def packed_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    """document_ids, continuous_ids (2, PACKED_LENGTH) of two packed rows holding every kind of segment."""
     docs = [
         [[(TEXT, 30), (CONTINUOUS, 40), (TEXT, 20)], [(TEXT, 10), (HIDDEN, 16), (CONTINUOUS, 16), (TEXT, 5)]],
         [[(TEXT, 5), (DISCRETE, 64), (TEXT, 20), (CONTINUOUS, 36)], [(TEXT, 10)]],
     ]
-    length = 150  # not a multiple of the 128 block size, and with padding
-    ids = [ids_from_layout(row, length) for row in docs]
-    document_ids = torch.stack([d for d, _ in ids])
-    continuous_ids = torch.stack([i for _, i in ids])
+    ids = [ids_from_layout(row, PACKED_LENGTH) for row in docs]
+    return torch.stack([d for d, _ in ids]), torch.stack([i for _, i in ids])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_agrees_with_sdpa_on_the_dense_mask():
+    document_ids, continuous_ids = packed_ids()
     for q_offset in (0, 100):
         out_flex, out_sdpa = _flex_vs_sdpa(document_ids, continuous_ids, q_offset)
         torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
@@ -198,14 +204,8 @@ def test_flex_attention_agrees_with_sdpa_on_the_dense_mask():
 def test_matmul_attention_agrees_with_sdpa_forward_and_backward():
     from anymodal.nn.attention import matmul_attention
 
-    docs = [
-        [[(TEXT, 30), (CONTINUOUS, 40), (TEXT, 20)], [(TEXT, 10), (HIDDEN, 16), (CONTINUOUS, 16), (TEXT, 5)]],
-        [[(TEXT, 5), (DISCRETE, 64), (TEXT, 20), (CONTINUOUS, 36)], [(TEXT, 10)]],
-    ]
-    length = 150  # with padding at the end of both rows
-    ids = [ids_from_layout(row, length) for row in docs]
-    document_ids = torch.stack([d for d, _ in ids])
-    continuous_ids = torch.stack([i for _, i in ids])
+    document_ids, continuous_ids = packed_ids()
+    length = PACKED_LENGTH
     for q_offset in (0, 100):
         mask = dense_mask(document_ids, continuous_ids, q_offset=q_offset)
         gen = torch.Generator().manual_seed(q_offset)

@@ -133,8 +133,8 @@ class UnifiedSystem(LightningModule):
                 from the folder), and a batch of pixels is refused.
             compile: run the decoder of training steps through `torch.compile` (its shapes are the batch's fixed
                 rows x seq_len, so it compiles once: 15-25 s on two CPU cores), and a VQ-VAE's encode of their
-                images. Validation, the EMA and sampling run them eagerly. Measured on the shapes recipes (benchmarks/levers.py): 1.07-1.18x alone, 1.43-1.55x
-                with bf16-mixed on a CPU with native bfloat16.
+                images. Validation, the EMA and sampling run them eagerly. Measured on the shapes recipes
+                (benchmarks/levers.py): 1.07-1.18x alone, 1.43-1.55x with bf16-mixed on a CPU with native bfloat16.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -179,8 +179,8 @@ class UnifiedSystem(LightningModule):
         self.skipped_steps = 0  # steps whose loss or gradient was not finite: no update (saved with checkpoints)
         self._loss: torch.Tensor | None = None  # this step's loss, checked before the optimizer step
         self._skip = False
-        self._compiled: tuple = ()  # (the compiled decoder, the compiled VQ-VAE encode or None): outside the module
-        # tree, sharing its weights
+        # (the compiled decoder, the compiled VQ-VAE encode or None): outside the module tree, sharing its weights
+        self._compiled: tuple = ()
 
     # ---------------------------------------------------------------- building
     def _model_config(self) -> ModelConfig:
