@@ -77,3 +77,14 @@ def test_the_budget_is_shared_out_to_each_lanes_training_stages():
     assert [s.kwargs["deadline"] for s in one[:4]] == pytest.approx([training * f for f in (0.2, 0.4, 0.7, 1.0)])
     with pytest.raises(ValueError, match="leaves no time to train"):
         demo.plan_deadlines(lane(train_model, evaluate), start=0.0, seconds=60.0)
+
+
+def test_demo_command_passes_each_tokenizers_precision(monkeypatch):
+    from anymodal.commands import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_demo", seen.append)
+    cli.main(["demo", "--vae-precision", "32-true", "--vqvae-precision", "bf16-mixed", "--minutes", "0"])
+    assert (seen[0].vae_precision, seen[0].vqvae_precision, seen[0].minutes) == ("32-true", "bf16-mixed", None)
+    cli.main(["demo"])
+    assert (seen[1].vae_precision, seen[1].vqvae_precision) == ("auto", "auto")

@@ -185,9 +185,10 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lanes", action=argparse.BooleanOptionalAction, default=d.lanes,
                    help="train the two image paths side by side, each in a process with half the threads "
                         "(tokenizer, then model; logs in OUT/logs). Default: with two threads or more")
-    p.add_argument("--vqvae-precision", default=d.vqvae_precision,
-                   help="precision of the VQ-VAE's training: auto (bf16-mixed where bfloat16 convolutions measure "
-                        "faster here, and on CUDA; else the recipe's 32-true), or any Lightning precision")
+    for flag, name in (("vqvae", "VQ-VAE"), ("vae", "VAE")):
+        p.add_argument(f"--{flag}-precision", default=getattr(d, f"{flag}_precision"),
+                       help=f"precision of the {name}'s training: auto (bf16-mixed where bfloat16 convolutions "
+                            "measure faster here, and on CUDA; else the recipe's 32-true), or any Lightning precision")
     p.add_argument("--model-precision", default=d.model_precision,
                    help="precision of both unified models: auto (bf16-mixed where bfloat16 matmuls measure faster "
                         "here, and on CUDA; else the recipe's 32-true), or any Lightning precision")
@@ -203,7 +204,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(ns: argparse.Namespace) -> None:
     run_demo(DemoSettings(out=ns.out, vqvae_steps=ns.vqvae_steps, vae_steps=ns.vae_steps,
-                          vqvae_precision=ns.vqvae_precision, model_precision=ns.model_precision, compile=ns.compile,
+                          vqvae_precision=ns.vqvae_precision, vae_precision=ns.vae_precision,
+                          model_precision=ns.model_precision, compile=ns.compile,
                           chameleon_steps=ns.chameleon_steps, transfusion_steps=ns.transfusion_steps,
                           model_size=ns.model_size, n=ns.n, tokenizer_eval_images=ns.tokenizer_eval_images,
                           steps=ns.steps, lanes=ns.lanes, minutes=ns.minutes or None))

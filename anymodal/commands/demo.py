@@ -60,6 +60,10 @@ class DemoSettings:
     """Lightning precision of the VQ-VAE's training; `auto`: bf16-mixed where this machine measures bfloat16
     convolutions faster (an AMX Xeon: 1.6x, same PSNR; not an AMD Zen 5) or on CUDA, else the recipe's 32-true
     (anymodal.hardware.resolve_precision)."""
+    vae_precision: str = "auto"
+    """Lightning precision of the VAE's training; `auto` as for the VQ-VAE (bf16-mixed where bfloat16 convolutions
+    measure faster; on an AVX512-BF16 EPYC at 1 thread, 1,200 steps in 152 s against 212 s in fp32, PSNR 34.1 dB
+    against 32.4, every reconstruction exact both ways)."""
     model_precision: str = "auto"
     """Lightning precision of both unified models; `auto`: bf16-mixed where this machine measures bfloat16
     matmuls faster (AMX or AVX512-BF16: 1.2-1.4x per step, benchmarks/levers.py), else the recipe's 32-true."""
@@ -223,11 +227,12 @@ def run_demo(s: DemoSettings) -> Path:
     lanes = threads >= 2 if s.lanes is None else s.lanes
     model_precision = resolve_precision(s.model_precision)
     vqvae_precision = resolve_precision(s.vqvae_precision, "conv")
+    vae_precision = resolve_precision(s.vae_precision, "conv")
     tokenizers = {name: Stage(f"train {name}", train_tokenizer, dict(
         name=name, recipe=root / "recipes/tokenizers" / recipe, out=out, steps=steps, precision=precision,
         eval_images=s.tokenizer_eval_images), weight=TOKENIZER_WEIGHT) for name, recipe, steps, precision in (
             ("shapes-vqvae", "vqvae-shapes.yaml", s.vqvae_steps, vqvae_precision),
-            ("shapes-vae", "vae-shapes.yaml", s.vae_steps, None))}
+            ("shapes-vae", "vae-shapes.yaml", s.vae_steps, vae_precision))}
     models = {name: Stage(f"train {name}", train_model, dict(
         name=name, recipe=root / "recipes/models" / recipe, tokenizer=tok, out=out, root=root, steps=steps,
         size=s.model_size, precision=model_precision, compile=s.compile), weight=MODEL_WEIGHT)
