@@ -412,7 +412,7 @@ def test_text_lm_then_a_two_step_liquid_fit_then_export(tmp_path, tokenizer_dirs
           "--config", str(ROOT / "recipes/strategy/cpu.yaml"),
           "--model.init_args.init_from", str(lm), "--model.init_args.image_tokenizer", tokenizer_dirs["discrete"],
           "--model.init_args.new_rows_lr", "3e-3", "--data.init_args.batch_size", "2",
-          "--data.init_args.seq_len", "192", "--trainer.max_steps=2", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.max_steps=2", "--trainer.default_root_dir", str(tmp_path),
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.log_every_n_steps=1",
           "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                               "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2}}]),

@@ -19,8 +19,9 @@ from anymodal.batch import (
     Batch,
     derive_indices,
 )
+from anymodal.data.datamodule import UnifiedDataModule
 from anymodal.data.document import TASKS, Document, Image, Text
-from anymodal.data.packing import collate_rows, pack_rows
+from anymodal.data.packing import collate_rows, pack_rows, padding_share
 from anymodal.data.sequence import SequenceEncoder, drop_conditions, generated_images
 from anymodal.data.shapes import ShapesWorld
 from anymodal.data.stream import PackedBatches
@@ -202,6 +203,28 @@ def test_packing_puts_whole_documents_in_rows_with_their_own_positions(text, wor
     per_row = [sum(1 + len(d.spans) for d in row) for row in batch_rows]
     assert batch.spans.shape[1] == max(per_row)
     assert all((batch.spans[r, n:, 0] == NO_SPAN).all() for r, n in enumerate(per_row))
+
+
+def test_a_pool_fills_rows_best_fit_and_uses_every_document_once(text, world):
+    enc = SequenceEncoder(text, "continuous", SLOTS)
+    docs = [enc.encode(d) for d in documents(world, TASKS * 12, seed=2)]
+    seq_len, rows, pool = 160, 4, 16
+    batches = list(pack_rows(iter(docs), seq_len, rows, pool=pool))
+    packed = [row for batch in batches for row in batch]
+    assert sorted(id(d) for row in packed for d in row) == sorted(id(d) for d in docs)  # none split, lost or doubled
+    assert all(sum(len(d) for d in row) <= seq_len for row in packed)
+    assert all(len(batch) == rows for batch in batches[:-1])
+    order = {id(d): i for i, d in enumerate(docs)}
+    starts = [order[id(row[0])] for row in packed]
+    assert starts == sorted(starts)  # each row opens with the oldest document still held
+    row_of = {id(d): r for r, row in enumerate(packed) for d in row}
+    assert max(row_of[id(d)] - order[id(d)] for d in docs) <= pool  # none waits more than `pool` rows
+    next_fit = list(pack_rows(iter(docs), seq_len, rows))
+    assert padding_share(batches, seq_len) < 0.5 * padding_share(next_fit, seq_len)
+    assert [id(d) for b in pack_rows(iter(docs), seq_len, rows, pool=0) for r in b for d in r] == \
+        [id(d) for d in docs]  # pool 0: stream order, as before
+    with pytest.raises(ValueError, match="pack_pool=-1 must be >= 0"):
+        UnifiedDataModule([world], pack_pool=-1)
 
 
 def test_left_padded_rows_lay_out_like_right_padded_ones_shifted(text, world):

@@ -33,7 +33,7 @@ from anymodal.train import run_lightning
 RECIPES = {"continuous": ROOT / "recipes/models/transfusion-shapes.yaml",
            "discrete": ROOT / "recipes/models/chameleon-shapes.yaml"}
 CPU = ROOT / "recipes/strategy/cpu.yaml"
-SEQ_LEN = {"continuous": 256, "discrete": 160}  # a 32 px image is 16 patches (a story: 4 x 2 copies), or 64 codes
+SEQ_LEN = {"continuous": 256, "discrete": 384}  # a 32 px image is 16 patches or 64 codes; a story reaches 317 tokens
 
 
 def cli_args(path: str, tokenizer_dirs: dict, root: Path) -> list[str]:
@@ -45,10 +45,12 @@ def cli_args(path: str, tokenizer_dirs: dict, root: Path) -> list[str]:
 
 def test_task_mix_switch_turns_the_stream_to_its_tasks_mid_run(fit_args, tmp_path, monkeypatch):
     """Text-only documents from step 2 on: no image once the documents drawn before the switch are spent (a few
-    batches: Lightning fetches ahead, and a row in progress carries documents over), so the diffusion loss is 0."""
+    batches: Lightning fetches ahead, a row in progress carries documents over, and the packing pool holds a
+    document back for at most `pack_pool` rows), so the diffusion loss is 0."""
     monkeypatch.setattr(sys, "argv", ["anymodal"])
     switch = '{"class_path": "anymodal.systems.callbacks.TaskMixSwitch", "init_args": {"at_step": 2, "tasks": {"text": 1.0}}}'
-    main(fit_args("--trainer.max_steps=8", "--trainer.log_every_n_steps=1", f"--trainer.callbacks=[{switch}]"))
+    main(fit_args("--trainer.max_steps=8", "--trainer.log_every_n_steps=1", f"--trainer.callbacks=[{switch}]",
+                  "--data.init_args.pack_pool=2"))
     (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
     diffusion = [float(r["train/diffusion_loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/diffusion_loss")]
     assert len(diffusion) == 8 and min(diffusion[:2]) > 0 and diffusion[-2:] == [0.0, 0.0]

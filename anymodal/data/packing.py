@@ -6,6 +6,7 @@ DOCUMENT spans written here).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -17,15 +18,56 @@ from anymodal.data.sequence import EncodedDocument
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 
 
-def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int) -> Iterator[list[list[EncodedDocument]]]:
-    """Group a stream of documents into lists of `rows` rows, each row at most `seq_len` tokens."""
+def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int,
+              pool: int = 0) -> Iterator[list[list[EncodedDocument]]]:
+    """Group a stream of documents into lists of `rows` rows, each row at most `seq_len` tokens.
+
+    pool: documents held back to fill rows best-fit. 0 fills each row in stream order and closes it at the first
+        document that does not fit (next-fit). With a pool, each row starts with the oldest held document and
+        then takes, while one fits, the longest held document that fits; the pool refills from the stream as it
+        goes. Every document is still used once, none waits more than `pool` rows, and rows end in less padding
+        (the shapes mix at 256 tokens: see `padding_share`).
+    """
+    stream = iter(docs)
+
+    def checked(doc: EncodedDocument) -> EncodedDocument:
+        if len(doc) > seq_len:
+            raise ValueError(f"a {doc.task} document of {len(doc)} tokens does not fit seq_len={seq_len}; "
+                             f"raise seq_len in the recipe or use smaller images")
+        return doc
+
+    if pool <= 0:
+        yield from _next_fit((checked(d) for d in stream), seq_len, rows)
+        return
+    held: list[EncodedDocument] = []  # in stream order
+    batch: list[list[EncodedDocument]] = []
+    while True:
+        held.extend(checked(d) for d in itertools.islice(stream, pool - len(held)))
+        if not held:
+            break
+        row = [held.pop(0)]
+        used = len(row[0])
+        while True:
+            fits = [i for i, d in enumerate(held) if used + len(d) <= seq_len]
+            if not fits:
+                break
+            doc = held.pop(max(fits, key=lambda i: (len(held[i]), -i)))  # the longest; the oldest of equals
+            row.append(doc)
+            used += len(doc)
+            held.extend(checked(d) for d in itertools.islice(stream, pool - len(held)))
+        batch.append(row)
+        if len(batch) == rows:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _next_fit(docs: Iterable[EncodedDocument], seq_len: int, rows: int) -> Iterator[list[list[EncodedDocument]]]:
     batch: list[list[EncodedDocument]] = []
     row: list[EncodedDocument] = []
     used = 0
     for doc in docs:
-        if len(doc) > seq_len:
-            raise ValueError(f"a {doc.task} document of {len(doc)} tokens does not fit seq_len={seq_len}; "
-                             f"raise seq_len in the recipe or use smaller images")
         if used + len(doc) > seq_len:
             batch.append(row)
             row, used = [], 0
@@ -38,6 +80,12 @@ def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int) -> Itera
         batch.append(row)
     if batch:
         yield batch
+
+
+def padding_share(batches: Iterable[list[list[EncodedDocument]]], seq_len: int) -> float:
+    """Share of the tokens of `batches` (as `pack_rows` yields them) that are padding."""
+    rows = [row for batch in batches for row in batch]
+    return 1.0 - sum(len(d) for row in rows for d in row) / (seq_len * len(rows))
 
 
 def collate_rows(rows: list[list[EncodedDocument]], seq_len: int, pad_id: int, left_pad: bool = False) -> Batch:

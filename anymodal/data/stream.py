@@ -49,20 +49,21 @@ def mix_sources(sources: list[Source], weights: list[float] | None, seed: int) -
 
 
 class PackedBatches(IterableDataset):
-    """Endless Batches of `rows` rows of `seq_len` tokens from mixed sources."""
+    """Endless Batches of `rows` rows of `seq_len` tokens from mixed sources, packed with a pool of `pool` held
+    documents (`anymodal.data.packing.pack_rows`; 0: in stream order)."""
 
     def __init__(self, sources: list[Source], encoder: SequenceEncoder, seq_len: int, rows: int,
                  weights: list[float] | None = None, drop_text: float = 0.1, drop_image: float = 0.1,
-                 seed: int = 0, start: int = 0) -> None:
+                 seed: int = 0, start: int = 0, pool: int = 0) -> None:
         super().__init__()
         self.sources, self.weights, self.encoder = sources, weights, encoder
         self.seq_len, self.rows, self.drop_text, self.drop_image = seq_len, rows, drop_text, drop_image
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.pool = seed, start, pool
 
     def __iter__(self) -> Iterator[Batch]:
         rng = random.Random(self.seed)
         docs = (self.encoder.encode(drop_conditions(d, rng, self.drop_text, self.drop_image))
                 for d in mix_sources(self.sources, self.weights, self.seed))
-        for k, rows in enumerate(pack_rows(docs, self.seq_len, self.rows)):
+        for k, rows in enumerate(pack_rows(docs, self.seq_len, self.rows, self.pool)):
             if k >= self.start:
                 yield collate_rows(rows, self.seq_len, self.encoder.text.pad_id)
