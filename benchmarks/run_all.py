@@ -8,8 +8,8 @@ HERE = Path(__file__).resolve().parent
 
 if __name__ == "__main__":
     failed = []
-    for script in ("train_throughput.py", "levers.py", "sampling.py", "tokenizer_norm.py", "encode_throughput.py",
-                   "distributed_memory.py"):
+    for script in ("train_throughput.py", "levers.py", "sampling.py", "tokenizer_norm.py", "tokenizer_precision.py",
+                   "encode_throughput.py", "distributed_memory.py"):
         print(f"== {script}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script), *sys.argv[1:]]).returncode:
             failed.append(script)

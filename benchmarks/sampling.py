@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,6 +106,29 @@ def slope(xs: list[float], ys: list[float]) -> float:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def median_ms_in_rounds(step, ways: list, batches: list, warmup: int, round_size: int = 5) -> dict:
+    """Median milliseconds of `step(way, batch)` (which returns seconds) for each way: `warmup` unmeasured
+    batches each first, then the rest in alternating rounds of `round_size`, so that a change in the machine's
+    load hits every way alike."""
+    for way in ways:
+        for batch in batches[:warmup]:
+            step(way, batch)
+    times: dict = {way: [] for way in ways}
+    measured = batches[warmup:]
+    for start in range(0, len(measured), round_size):
+        for way in ways:
+            times[way] += [step(way, batch) for batch in measured[start:start + round_size]]
+    return {way: 1e3 * statistics.median(t) for way, t in times.items()}
+
+
+def write_result(path: str | Path, result: dict) -> dict:
+    """Write a benchmark's `result` as JSON to `path` (its folder made) and return it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def machine(device: str) -> dict:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from sampling import machine  # this folder's benchmarks share the machine record
+from sampling import machine, median_ms_in_rounds, write_result  # this folder's benchmarks share these
 
 from anymodal.data.shapes import ShapesWorld
 from anymodal.hardware import native_bf16
@@ -59,7 +57,6 @@ def main(argv: list[str] | None = None) -> dict:
                for _ in range(warmup + steps)]  # (B, 3, 32, 32) each
 
     runs = {norm: build(recipe, norm, device) for norm in ("group", "channel")}
-    times: dict[str, list[float]] = {norm: [] for norm in runs}
 
     def step(norm: str, pixels: torch.Tensor) -> float:
         model, opt = runs[norm]
@@ -75,15 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    for norm in runs:
-        for pixels in batches[:warmup]:
-            step(norm, pixels)
-    measured = batches[warmup:]
-    for start in range(0, len(measured), 5):
-        for norm in runs:
-            times[norm] += [step(norm, pixels) for pixels in measured[start:start + 5]]
-
-    ms = {norm: 1e3 * statistics.median(t) for norm, t in times.items()}
+    ms = median_ms_in_rounds(step, list(runs), batches, warmup)
     result = {
         "machine": {**machine(str(device)), "native_bf16": native_bf16()},
         "recipe": str(RECIPE.relative_to(ROOT)), "precision": args.precision, "batch_size": batch_size,
@@ -92,10 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"VQ-VAE step ({args.precision}, batch {batch_size}, {torch.get_num_threads()} threads): "
           f"group {ms['group']:.1f} ms, channel {ms['channel']:.1f} ms, "
           f"channel / group = {result['channel_over_group']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":
