@@ -19,7 +19,7 @@ from anymodal.data.document import TASKS as DOCUMENT_TASKS
 from anymodal.data.images import array_from_pixels
 from anymodal.data.shapes import CELL_NAMES, COLORS, SHAPES, Obj, Scene, ShapesWorld, caption
 from anymodal.evaluate.shapes import ShapesScorer
-from anymodal.generate.settings import ImageSampling, TextSampling, resolved
+from anymodal.generate.settings import STORY_TEXT, ImageSampling, TextSampling, resolved
 from anymodal.generate.tasks import Pipeline
 
 TASKS = tuple(t for t in DOCUMENT_TASKS if t != "text")  # t2i, caption, vqa, edit, story
@@ -92,7 +92,9 @@ class BenchSettings:
     seed: int = 0
     """Seed of the evaluation scenes and of sampling (scenes use seed + 10007 so they differ from training)."""
     sampling: ImageSampling = field(default_factory=ImageSampling)
-    """How images are sampled (text is always greedy)."""
+    """How images are sampled."""
+    story_text: TextSampling = field(default_factory=lambda: replace(STORY_TEXT))
+    """How a story's text is sampled (`STORY_TEXT`); captions and answers are greedy."""
     batch_size: int = 32
     """Images sampled per batch."""
     story_n: int = 40
@@ -189,7 +191,8 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
     elif task == "story":
         for i, d in enumerate(docs):
             prompt = say(d.segments[0].text, i)
-            steps = pipe.story(prompt, seed=seeds[i], max_images=4, sampling=sampling, text_sampling=greedy)
+            steps = pipe.story(prompt, seed=seeds[i], max_images=4, sampling=sampling,
+                               text_sampling=settings.story_text)
             scenes, images = _story_scenes(steps, d.meta["scenes"][0])
             ok = scorer.add_story(scenes, images, heldout) if 2 <= len(images) <= 4 and scenes is not None else \
                 scorer.add_story([d.meta["scenes"][0]] * 2, [], heldout)

@@ -360,6 +360,28 @@ def test_story_alternates_text_and_images(bundle, then):
     assert all(s.image.shape == (size, size, 3) and s.image.dtype == np.uint8 for s in steps if s.image is not None)
 
 
+def test_a_story_samples_its_text_where_greedy_would_always_pick_one_word(bundle):
+    """After the prompt two words are equally likely (as "then" and "finally" nearly are after a story's image):
+    greedy text takes the same one for every seed, the story default (`STORY_TEXT`) takes both across seeds, each
+    seed always the same."""
+    text = bundle.text
+    last = text.encode("x.")[-1]
+    a, b = text.encode(" red circle")[:2]
+    _bigram(bundle, {last: a, a: text.eos_id, b: text.eos_id})
+    with torch.no_grad():
+        bundle.model.lm_head.weight[b] += 5.0 * torch.eye(bundle.model.config.arch.dim)[0]  # b as likely as a
+    pipe = Pipeline(bundle)
+
+    def first_word(seed: int, sampling: TextSampling | None = None) -> str:
+        return pipe.story("x.", seed=seed, max_images=1, sampling=ImageSampling(steps=2), text_sampling=sampling)[1].text
+
+    words = {a_word: text.decode([t]).strip() for a_word, t in (("a", a), ("b", b))}
+    assert len({first_word(seed, TextSampling()) for seed in range(8)}) == 1  # greedy: one of the two, always
+    drawn = [first_word(seed) for seed in range(8)]
+    assert set(drawn) == {words["a"], words["b"]}
+    assert [first_word(seed) for seed in range(8)] == drawn
+
+
 def test_story_images_back_to_back_are_closed_by_eoi(bundle):
     text = bundle.text
     last = text.encode("x.")[-1]

@@ -19,6 +19,7 @@ from anymodal.generate.settings import (
     IMAGE_GUIDANCE,
     KEEP_SOURCE,
     PARALLEL_STEPS,
+    STORY_TEXT,
     ImageSampling,
     TextSampling,
 )
@@ -118,7 +119,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output folder: story.html, story.md and images")
     _overwrite_arg(s)
     s.add_argument("--max-images", type=int, default=4, help="most images in the story")
-    s.add_argument("--text-temperature", type=float, default=TEXT.temperature, help="temperature of the story's text")
+    s.add_argument("--text-temperature", type=float, default=STORY_TEXT.temperature,
+                   help="temperature of the story's text (0: greedy, which runs stories to --max-images)")
+    s.add_argument("--text-top-p", type=float, default=STORY_TEXT.top_p,
+                   help="top-p of the story's text (1: all tokens)")
     _image_sampling_args(s)
 
 
@@ -220,7 +224,8 @@ def run_generate(ns: argparse.Namespace) -> None:
                 [ns.image] * len(ns.question), ns.question, ns.seed, text_sampling(ns)), report)
         else:
             story = requests.story(pipe, requests.Story(
-                ns.prompt, ns.seed, ns.max_images, image_sampling(ns), TextSampling(temperature=ns.text_temperature)),
+                ns.prompt, ns.seed, ns.max_images, image_sampling(ns),
+                TextSampling(temperature=ns.text_temperature, top_p=ns.text_top_p)),
                 report)
     for path in earlier:
         path.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import torch
 from anymodal.data.document import Text
 from anymodal.data.images import load_image
 from anymodal.diffusion.schedule import check_sampler
-from anymodal.generate.settings import ImageSampling, TextSampling, resolved
+from anymodal.generate.settings import STORY_TEXT, ImageSampling, TextSampling, resolved
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 ImageInput = str | Path | torch.Tensor
@@ -119,7 +119,7 @@ class Story:
     max_images: int = 4
     """Most images in the story."""
     sampling: ImageSampling = field(default_factory=ImageSampling)
-    text_sampling: TextSampling = field(default_factory=TextSampling)
+    text_sampling: TextSampling = field(default_factory=lambda: dataclasses.replace(STORY_TEXT))
 
 
 def _settings(sampling: ImageSampling | TextSampling, drop: tuple[str, ...] = ()) -> dict[str, Any]:

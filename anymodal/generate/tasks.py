@@ -21,7 +21,7 @@ from anymodal.data.document import Document, Image, Text
 from anymodal.data.images import array_from_pixels
 from anymodal.data.sequence import EncodedDocument, SequenceEncoder
 from anymodal.generate.engine import Engine
-from anymodal.generate.settings import ImageSampling, StepCallback, TextSampling, resolved
+from anymodal.generate.settings import STORY_TEXT, ImageSampling, StepCallback, TextSampling, resolved
 
 Progress = Callable[[int], None] | None
 
@@ -183,7 +183,7 @@ class Pipeline:
         `on_piece(step)` is called with each piece as soon as it exists (to stream a story into a page).
         """
         sampling = sampling or ImageSampling()
-        text_sampling = text_sampling or TextSampling()
+        text_sampling = text_sampling or STORY_TEXT
         prompt = as_sentence(prompt)
         gens = self.generators([seed])
         eng = self.engine()
