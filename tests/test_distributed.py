@@ -99,7 +99,12 @@ def test_two_processes_repeat_the_single_process_losses(runs, strategy):
     if strategy.endswith("muon"):  # another optimizer: another loss curve after the first step
         assert runs[strategy][0][0]["losses"][1:] != runs["ddp"][0][0]["losses"][1:]
     ranks = runs[strategy][0]
-    assert len(single) == STEPS and ranks[0]["losses"] == ranks[1]["losses"]
+    assert len(single) == STEPS
+    if strategy.endswith("muon"):  # each replica runs Newton-Schulz itself: once in 7 runs its rounding differed
+        torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(ranks[1]["losses"]),
+                                   rtol=LOSS_RTOL, atol=0)  # (4e-6 at step 2, 2026-12-07)
+    else:
+        assert ranks[0]["losses"] == ranks[1]["losses"]
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single), rtol=LOSS_RTOL, atol=0)
 
 
