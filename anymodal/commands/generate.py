@@ -7,6 +7,7 @@ and its outputs into files. Every default comes from ImageSampling / TextSamplin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -225,7 +226,7 @@ def run_generate(ns: argparse.Namespace) -> None:
         else:
             story = requests.story(pipe, requests.Story(
                 ns.prompt, ns.seed, ns.max_images, image_sampling(ns),
-                TextSampling(temperature=ns.text_temperature, top_p=ns.text_top_p)),
+                dataclasses.replace(STORY_TEXT, temperature=ns.text_temperature, top_p=ns.text_top_p)),
                 report)
     for path in earlier:
         path.unlink(missing_ok=True)

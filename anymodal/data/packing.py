@@ -40,9 +40,13 @@ def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int,
         yield from _next_fit((checked(d) for d in stream), seq_len, rows)
         return
     held: list[EncodedDocument] = []  # in stream order
+
+    def refill() -> None:
+        held.extend(checked(d) for d in itertools.islice(stream, pool - len(held)))
+
     batch: list[list[EncodedDocument]] = []
     while True:
-        held.extend(checked(d) for d in itertools.islice(stream, pool - len(held)))
+        refill()
         if not held:
             break
         row = [held.pop(0)]
@@ -54,7 +58,7 @@ def pack_rows(docs: Iterable[EncodedDocument], seq_len: int, rows: int,
             doc = held.pop(max(fits, key=lambda i: (len(held[i]), -i)))  # the longest; the oldest of equals
             row.append(doc)
             used += len(doc)
-            held.extend(checked(d) for d in itertools.islice(stream, pool - len(held)))
+            refill()
         batch.append(row)
         if len(batch) == rows:
             yield batch
