@@ -19,7 +19,7 @@ from anymodal.data.document import TASKS as DOCUMENT_TASKS
 from anymodal.data.images import array_from_pixels
 from anymodal.data.shapes import CELL_NAMES, COLORS, SHAPES, Obj, Scene, ShapesWorld, caption
 from anymodal.evaluate.shapes import ShapesScorer
-from anymodal.generate.settings import STORY_TEXT, ImageSampling, TextSampling, resolved
+from anymodal.generate.settings import CAPTION_TEXT, STORY_TEXT, ImageSampling, TextSampling, resolved
 from anymodal.generate.tasks import Pipeline
 
 TASKS = tuple(t for t in DOCUMENT_TASKS if t != "text")  # t2i, caption, vqa, edit, story
@@ -94,7 +94,9 @@ class BenchSettings:
     sampling: ImageSampling = field(default_factory=ImageSampling)
     """How images are sampled."""
     story_text: TextSampling = field(default_factory=lambda: replace(STORY_TEXT))
-    """How a story's text is sampled (`STORY_TEXT`); captions and answers are greedy."""
+    """How a story's text is sampled (`STORY_TEXT`); answers are greedy."""
+    caption_text: TextSampling = field(default_factory=lambda: replace(CAPTION_TEXT))
+    """How a caption is decoded (`CAPTION_TEXT`: greedy, guided by its image)."""
     batch_size: int = 32
     """Images sampled per batch."""
     story_n: int = 40
@@ -166,7 +168,7 @@ def _run_task(pipe, task, docs, heldout, scorer, sampling, greedy, settings, kep
                 kept.append({"prompt": p, "image": im, "exact": ok, "read": None if ok else scorer.read(im)})
     elif task == "caption":
         sources = [d.segments[0].pixels for d in docs]
-        texts = pipe.caption(sources, greedy, bs, progress=tick)
+        texts = pipe.caption(sources, settings.caption_text, bs, progress=tick)
         for d, src, t in zip(docs, sources, texts):
             ok = scorer.add_caption(d.meta["scenes"][0], t, heldout)
             if len(kept) < keep:

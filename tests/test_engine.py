@@ -17,6 +17,7 @@ from anymodal.generate.engine import (
     ImageSampling,
     TextSampling,
     guide,
+    guide_text,
     keep_near_source,
     sample_logits,
 )
@@ -260,6 +261,45 @@ def test_caption_and_answer_batched_equal_one_at_a_time(continuous):
     answers = pipe.answer(images, questions, sampled, batch_size=2, seeds=[4, 5])
     assert answers == pipe.answer(images, questions, sampled, batch_size=1, seeds=[4, 5])
     assert any(answers)
+
+
+def test_guided_text_reorders_only_the_tokens_the_image_makes_plausible():
+    cond = torch.tensor([[0.50, 0.30, 0.195, 0.005]]).log()  # token 3: below TEXT_GUIDANCE_FLOOR of the top
+    uncond = torch.tensor([[0.70, 0.10, 0.10, 1e-6]]).log()  # the text alone favours token 0; knows nothing of 3
+    scores = guide_text(torch.stack([cond, uncond]), 3.0)
+    torch.testing.assert_close(scores[0, :3], (cond + 2.0 * (cond - uncond))[0, :3])
+    assert scores[0, 3] == float("-inf")  # the largest gain of all, but the image never made it plausible
+    assert scores.argmax(-1).item() == 1  # what the image adds wins over what the text alone would say
+    assert cond.argmax(-1).item() == 0
+    assert torch.equal(guide_text(torch.stack([cond, uncond]), 1.0)[0, :3], cond[0, :3])
+
+
+def test_a_guided_caption_reads_its_image_against_the_same_prompt_without_it(continuous, monkeypatch):
+    pipe = Pipeline(continuous)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 32, 32, generator=gen) for _ in range(3)]
+    plain, guided = TextSampling(max_new_tokens=6), TextSampling(max_new_tokens=6, image_guidance=4.0)
+    seen = []
+    real_start = Engine.start
+
+    def start(self, prompts, branches=1):
+        seen.append([len(p.images) for p in prompts])
+        return real_start(self, prompts, branches)
+
+    monkeypatch.setattr(Engine, "start", start)
+    captions, answers = pipe.caption(images, guided), pipe.answer(images, ["what?"] * 3, guided)
+    assert seen == [[1, 1, 1, 0, 0, 0]] * 2  # the prompts, then the same without their images
+    assert captions != pipe.caption(images, plain) and answers != pipe.answer(images, ["what?"] * 3, plain)
+    prompts = [pipe.prompt([pipe.encode_image(im)], "caption") for im in images]
+    alone = _engine(continuous, True)
+    alone.start(prompts)
+    ids = alone.generate_text(plain)
+    both = _engine(continuous, True)
+    both.start(prompts + [pipe.prompt([], "caption")] * 3, branches=2)
+    guided_ids = both.generate_text(guided, guide_from=1)
+    assert [i[0] for i in guided_ids] == [i[0] for i in ids] and guided_ids != ids  # the first token as is
+    with pytest.raises(ValueError, match="two branches"):
+        alone.generate_text(guided, guide_from=0)
 
 
 # ---------------------------------------------------------------- guidance scale 1 = conditional branch

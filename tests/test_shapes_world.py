@@ -323,6 +323,28 @@ def test_questions_and_answers():
     assert seen == {"color", "count", "where", "what", "what-nothing"}
 
 
+def _question_kinds(world: ShapesWorld, n: int) -> dict[str, int]:
+    rng, kinds = np.random.default_rng(5), {}
+    for _ in range(n):
+        q = world.document("vqa", rng).meta["question"]
+        kind = "color" if q.startswith("what color") else "count" if q.startswith("how many") else \
+            "where" if q.startswith("where") else "what"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def test_question_kinds_follow_their_weights():
+    uniform = _question_kinds(ShapesWorld(seed=2), 2000)
+    assert all(400 < uniform[k] < 600 for k in ("count", "where", "what"))  # color: only of a unique shape
+    weighted = _question_kinds(ShapesWorld(seed=2, questions={"where": 3.0, "count": 1.0}), 2000)
+    assert set(weighted) == {"where", "count"} and 0.70 < weighted["where"] / 2000 < 0.80
+    only_color = _question_kinds(ShapesWorld(seed=2, questions={"color": 1.0}), 300)  # else uniform among the rest
+    assert only_color["color"] > 250 and sum(only_color.values()) == 300
+    for bad, says in (({"why": 1.0}, "why is none of them"), ({"where": -1.0}, ">= 0"), ({"where": 0.0}, "above 0")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            ShapesWorld(questions=bad)
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown task"):
         ShapesWorld(tasks={"t2v": 1.0})

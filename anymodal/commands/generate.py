@@ -17,6 +17,7 @@ from rich.table import Table
 
 from anymodal.benchmark import TASKS, BenchSettings
 from anymodal.generate.settings import (
+    CAPTION_TEXT,
     IMAGE_GUIDANCE,
     KEEP_SOURCE,
     PARALLEL_STEPS,
@@ -71,12 +72,15 @@ def _image_sampling_args(p: argparse.ArgumentParser, edits: bool = False, batch_
     p.add_argument("--batch-size", type=int, default=batch_size, help="images sampled together")
 
 
-def _text_sampling_args(p: argparse.ArgumentParser) -> None:
+def _text_sampling_args(p: argparse.ArgumentParser, defaults: TextSampling = TEXT) -> None:
     p.add_argument("--temperature", type=float, default=TEXT.temperature, help="text temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=TEXT.top_k, help="text top-k (0 = all)")
     p.add_argument("--top-p", type=float, default=TEXT.top_p, help="text nucleus top-p (1 = all)")
     p.add_argument("--max-new-tokens", type=int, default=TEXT.max_new_tokens, help="longest answer")
     p.add_argument("--stop", action="append", default=list(TEXT.stop), help="stop string (repeatable)")
+    p.add_argument("--image-guidance", type=float, default=defaults.image_guidance,
+                   help="guidance of the image over the same prompt without it (1 = none): words the image "
+                        "makes likelier gain, among those it makes plausible")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
 
@@ -108,7 +112,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     c = which.add_parser("caption", help="caption images")
     _bundle_args(c)
     c.add_argument("--image", action="append", required=True, help="an image (repeatable)")
-    _text_sampling_args(c)
+    _text_sampling_args(c, CAPTION_TEXT)
     q = which.add_parser("vqa", help="answer a question about an image")
     _bundle_args(q)
     q.add_argument("--image", required=True, help="the image")
@@ -151,7 +155,7 @@ def image_sampling(ns: argparse.Namespace) -> ImageSampling:
 
 def text_sampling(ns: argparse.Namespace) -> TextSampling:
     return TextSampling(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
-                        max_new_tokens=ns.max_new_tokens, stop=tuple(ns.stop))
+                        max_new_tokens=ns.max_new_tokens, stop=tuple(ns.stop), image_guidance=ns.image_guidance)
 
 
 # ---------------------------------------------------------------------------------------------- handlers

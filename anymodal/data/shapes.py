@@ -312,8 +312,10 @@ def random_edit(
     return f"add a {c} {s} at the {CELL_NAMES[cell]}", scene.replace(None, Obj(c, s, cell))
 
 
-def random_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """(question, answer) of one of the four kinds, drawn uniformly among those that apply.
+def random_question(scene: Scene, rng: np.random.Generator,
+                    weights: dict[str, float] | None = None) -> tuple[str, str]:
+    """(question, answer) of one of the four kinds (QUESTION_KINDS), drawn among those that apply: uniformly, or
+    in proportion to `weights` (kind -> weight; a kind left out is never asked).
 
     `what color` is asked only of a shape that is unique in the scene; `what shape` asks of
     an occupied or an empty cell with equal chance.
@@ -323,7 +325,12 @@ def random_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         shape_counts[o.shape] = shape_counts.get(o.shape, 0) + 1
     unique = [o for o in scene.objects if shape_counts[o.shape] == 1]
     kinds = [k for k in QUESTION_KINDS if k != "color" or unique]
-    kind = _pick(rng, kinds)
+    if weights is None:
+        kind = _pick(rng, kinds)
+    else:
+        w = np.array([weights.get(k, 0.0) for k in kinds], dtype=float)
+        kind = kinds[min(int(np.searchsorted(np.cumsum(w) / w.sum(), rng.random(), side="right")), len(kinds) - 1)] \
+            if w.sum() > 0 else _pick(rng, kinds)  # none of the kinds that apply weighted: uniformly
     if kind == "color":
         o = _pick(rng, unique)
         return f"what color is the {o.shape}?", o.color
@@ -373,6 +380,8 @@ class ShapesWorld(Source):
             produce a phrase the model never read).
         describe_first: A question's answer first says what the image shows, then answers: "{caption}: {answer}"
             (`final_answer` reads the answer back). The caption is the part of the scene the model reads best.
+        questions: Weights of the question kinds (`color`, `count`, `where`, `what`) of vqa documents (None: all
+            equal among the kinds a scene allows).
     """
 
     def __init__(
@@ -386,6 +395,7 @@ class ShapesWorld(Source):
         length: int | None = None,
         holdout_text: bool = False,
         describe_first: bool = False,
+        questions: dict[str, float] | None = None,
     ) -> None:
         super().__init__(seed=seed, length=length)
         if size < MIN_SIZE:
@@ -402,6 +412,12 @@ class ShapesWorld(Source):
         self.holdout = parse_holdout(holdout)
         self.holdout_text = holdout_text
         self.describe_first = describe_first
+        if questions is not None:
+            unknown = sorted(set(questions) - set(QUESTION_KINDS))
+            if unknown or any(float(v) < 0 for v in questions.values()) or not any(float(v) > 0 for v in questions.values()):
+                raise ValueError(f"questions={questions} must weigh the kinds {', '.join(QUESTION_KINDS)} with numbers "
+                                 f">= 0, at least one above 0" + (f" ({', '.join(unknown)} is none of them)" if unknown else ""))
+        self.questions = None if questions is None else {k: float(v) for k, v in questions.items()}
         if split == "heldout" and not self.holdout:
             raise ValueError("split='heldout' needs a non-empty holdout list such as ['red circle']")
         if split == "train" and len(PAIRS) - len(self.holdout) < max_objects:
@@ -460,7 +476,7 @@ class ShapesWorld(Source):
             segments, scenes = [Text(caption(scene))], []
             meta["scene"] = scene
         elif task == "vqa":
-            question, answer = random_question(scene, rng)
+            question, answer = random_question(scene, rng, self.questions)
             said = f"{caption(scene)}: {answer}" if self.describe_first else answer
             segments = [self.image(scene, rng), Text(question), Text(said)]
             scenes = [scene]

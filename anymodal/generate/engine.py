@@ -18,6 +18,7 @@ cached path to.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from anymodal.batch import CONTINUOUS_IMAGE
 from anymodal.data.packing import collate_rows
 from anymodal.data.sequence import EncodedDocument
-from anymodal.generate.settings import KEEP_RADIUS, ImageSampling, StepCallback, TextSampling, resolved
+from anymodal.generate.settings import (
+    KEEP_RADIUS,
+    TEXT_GUIDANCE_FLOOR,
+    ImageSampling,
+    StepCallback,
+    TextSampling,
+    resolved,
+)
 from anymodal.layout import build_layout, slot_indices
 from anymodal.masks import AttentionMask, build_attention_mask
 from anymodal.model.unified import ContinuousInput, UnifiedModel
@@ -87,6 +95,17 @@ def guide(pred: torch.Tensor, scales: list[float]) -> torch.Tensor:
         if w != 1.0:
             out = out + (w - 1.0) * (cond - pred[i])
     return out
+
+
+def guide_text(logp: torch.Tensor, scale: float) -> torch.Tensor:
+    """Log-probabilities (2, B, V) of the next token with and without the image -> guided scores (B, V).
+
+    `guide`'s cond + (scale - 1)(cond - uncond), among the tokens the image-conditioned model finds plausible
+    (probability at least TEXT_GUIDANCE_FLOOR of its likeliest token's; the rest never picked): the words the
+    image makes likelier than the text alone would gain, and no word the model finds unlikely is pushed in."""
+    cond = logp[0]
+    out = guide(logp, [scale])
+    return out.masked_fill(cond < cond.max(-1, keepdim=True).values + math.log(TEXT_GUIDANCE_FLOOR), float("-inf"))
 
 
 def keep_near_source(objective, x: torch.Tensor, pred: torch.Tensor, t, source: torch.Tensor,
@@ -222,18 +241,27 @@ class Engine:
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def generate_text(self, sampling: TextSampling, generators: list[torch.Generator] | None = None,
-                      stop_at_boi: bool = False) -> list[list[int]]:
-        """Generated ids of each of the B conditional rows (terminator included: `<eos>`, or `<boi>`)."""
+                      stop_at_boi: bool = False, guide_from: int | None = None) -> list[list[int]]:
+        """Generated ids of each of the B conditional rows (terminator included: `<eos>`, or `<boi>`).
+
+        With `guide_from`, the engine holds two branches (the prompts, then the same prompts without their
+        images) and every token from that one on is picked by `guide_text` with `sampling.image_guidance`;
+        without, tokens come from the first branch alone."""
         B = self.B
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         code_start = self.config.code_offset
-        for _ in range(sampling.max_new_tokens):
-            logits = self.model.logits(self.last_hidden[:B]).float()  # (B, V)
+        if guide_from is not None and self.branches != 2:
+            raise ValueError(f"guided text needs two branches (with and without the images), got {self.branches}")
+        for i in range(sampling.max_new_tokens):
+            guided = guide_from is not None and i >= guide_from and sampling.image_guidance != 1.0
+            logits = self.model.logits(self.last_hidden[:2 * B if guided else B]).float()  # (2B or B, V)
             logits[:, code_start:] = float("-inf")  # no image codes in text mode
             logits[:, self.text.pad_id] = float("-inf")
             if not stop_at_boi:
                 logits[:, self.text.boi_id] = float("-inf")
+            if guided:
+                logits = guide_text(logits.log_softmax(-1).view(2, B, -1), sampling.image_guidance)
             tok = sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
             for b in range(B):
                 if done[b]:

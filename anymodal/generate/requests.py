@@ -32,7 +32,7 @@ import torch
 from anymodal.data.document import Text
 from anymodal.data.images import load_image
 from anymodal.diffusion.schedule import check_sampler
-from anymodal.generate.settings import STORY_TEXT, ImageSampling, TextSampling, resolved
+from anymodal.generate.settings import CAPTION_TEXT, STORY_TEXT, ImageSampling, TextSampling, resolved
 from anymodal.generate.tasks import Pipeline, StoryStep
 
 ImageInput = str | Path | torch.Tensor
@@ -95,7 +95,7 @@ class Caption:
 
     images: list[ImageInput]
     seed: int = 0
-    sampling: TextSampling = field(default_factory=TextSampling)
+    sampling: TextSampling = field(default_factory=lambda: dataclasses.replace(CAPTION_TEXT))
     batch_size: int = 32
 
 

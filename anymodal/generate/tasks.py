@@ -10,6 +10,7 @@ Images go in as (3, H, W) float tensors in [0, 1] and come out as (H, W, 3) uint
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,14 @@ from anymodal.data.document import Document, Image, Text
 from anymodal.data.images import array_from_pixels
 from anymodal.data.sequence import EncodedDocument, SequenceEncoder
 from anymodal.generate.engine import Engine
-from anymodal.generate.settings import STORY_TEXT, ImageSampling, StepCallback, TextSampling, resolved
+from anymodal.generate.settings import (
+    CAPTION_TEXT,
+    STORY_TEXT,
+    ImageSampling,
+    StepCallback,
+    TextSampling,
+    resolved,
+)
 
 Progress = Callable[[int], None] | None
 
@@ -146,20 +154,27 @@ class Pipeline:
 
         return self._batched(len(images), batch_size, run, progress)
 
-    def _answer(self, prompts: list[EncodedDocument], sampling: TextSampling, seeds) -> list[str]:
+    def _answer(self, segments: list[list[Text | Image]], task: str, sampling: TextSampling, seeds,
+                guide_from: int = 0) -> list[str]:
+        """The text that follows each prompt of `segments`; with `sampling.image_guidance` != 1, guided from its
+        `guide_from`-th token on by the same prompts without their images (Engine.generate_text)."""
+        prompts = [self.prompt(s, task) for s in segments]
+        guided = sampling.image_guidance != 1.0
+        if guided:
+            prompts += [self.prompt([x for x in s if isinstance(x, Text)], task) for s in segments]
         eng = self.engine()
-        eng.start(prompts)
+        eng.start(prompts, branches=2 if guided else 1)
         gens = self.generators(seeds) if sampling.temperature > 0 else None
-        ids = eng.generate_text(sampling, gens)
+        ids = eng.generate_text(sampling, gens, guide_from=guide_from if guided else None)
         return [self.bundle.text.decode(i).strip() for i in ids]
 
     def caption(self, images: Sequence[torch.Tensor], sampling: TextSampling | None = None, batch_size: int = 32,
                 seeds: Sequence[int] | None = None, progress: Progress = None) -> list[str]:
-        """A caption per image."""
-        sampling = sampling or TextSampling()
+        """A caption per image (`CAPTION_TEXT` unless `sampling` says otherwise)."""
+        sampling = sampling or dataclasses.replace(CAPTION_TEXT)
         seeds = list(range(len(images))) if seeds is None else list(seeds)
         return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
-            [self.prompt([self.encode_image(im)], "caption") for im in images[lo:hi]], sampling, seeds[lo:hi]),
+            [[self.encode_image(im)] for im in images[lo:hi]], "caption", sampling, seeds[lo:hi], guide_from=1),
             progress)
 
     def answer(self, images: Sequence[torch.Tensor], questions: Sequence[str], sampling: TextSampling | None = None,
@@ -170,7 +185,7 @@ class Pipeline:
         sampling = sampling or TextSampling()
         seeds = list(range(len(images))) if seeds is None else list(seeds)
         return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
-            [self.prompt([self.encode_image(im), Text(as_question(q))], "vqa") for im, q in zip(images[lo:hi], questions[lo:hi])],
+            [[self.encode_image(im), Text(as_question(q))] for im, q in zip(images[lo:hi], questions[lo:hi])], "vqa",
             sampling, seeds[lo:hi]), progress)
 
     def story(self, prompt: str, seed: int = 0, max_images: int = 4, sampling: ImageSampling | None = None,
