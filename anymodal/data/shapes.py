@@ -153,6 +153,11 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
+def _pick_weighted(rng: np.random.Generator, items: Sequence, cum_weights: np.ndarray):
+    """One of `items`, drawn by their cumulative probabilities `cum_weights` (ending at 1)."""
+    return items[min(int(np.searchsorted(cum_weights, rng.random(), side="right")), len(items) - 1)]
+
+
 def random_scene(
     rng: np.random.Generator,
     max_objects: int = MAX_OBJECTS,
@@ -325,12 +330,11 @@ def random_question(scene: Scene, rng: np.random.Generator,
         shape_counts[o.shape] = shape_counts.get(o.shape, 0) + 1
     unique = [o for o in scene.objects if shape_counts[o.shape] == 1]
     kinds = [k for k in QUESTION_KINDS if k != "color" or unique]
-    if weights is None:
+    w = np.array([weights.get(k, 0.0) for k in kinds]) if weights is not None else None
+    if w is None or w.sum() == 0:  # uniformly, also where none of the kinds that apply is weighted
         kind = _pick(rng, kinds)
     else:
-        w = np.array([weights.get(k, 0.0) for k in kinds], dtype=float)
-        kind = kinds[min(int(np.searchsorted(np.cumsum(w) / w.sum(), rng.random(), side="right")), len(kinds) - 1)] \
-            if w.sum() > 0 else _pick(rng, kinds)  # none of the kinds that apply weighted: uniformly
+        kind = _pick_weighted(rng, kinds, np.cumsum(w / w.sum()))
     if kind == "color":
         o = _pick(rng, unique)
         return f"what color is the {o.shape}?", o.color
@@ -440,10 +444,7 @@ class ShapesWorld(Source):
         count = shard_count(self.length, shard, num_shards)
         i = 0
         while count is None or i < count:
-            task = self.tasks[
-                min(int(np.searchsorted(self.cum_weights, rng.random(), side="right")), len(self.tasks) - 1)
-            ]
-            yield self.document(task, rng)
+            yield self.document(_pick_weighted(rng, self.tasks, self.cum_weights), rng)
             i += 1
 
     # -- building blocks ------------------------------------------------------------------------
