@@ -210,7 +210,8 @@ def encoded_fit_args(tokenizer_dirs, root: Path, shards: Path, image_tokenizer: 
     source = json.dumps([{"class_path": "anymodal.data.shards.EncodedShards", "init_args": {"path": str(shards)}}])
     return ["fit", "--config", str(recipe), "--config", str(ROOT / "recipes" / "strategy" / "cpu.yaml"),
             "--model.init_args.text_tokenizer", TEXT_TOKENIZER, "--model.init_args.image_tokenizer", image_tokenizer,
-            "--model.init_args.size", "debug", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.default_root_dir", str(root),
+            "--model.init_args.size", "debug", "--model.init_args.image_size", "32",  # the shards' size
+            "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.default_root_dir", str(root),
             "--trainer.logger.init_args.save_dir", str(root), "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--data.init_args.batch_size", "2",

@@ -195,7 +195,7 @@ def fit_on(env: Env, source: dict) -> list[str]:
 def jsonl(env: Env, *rows: str) -> list[str]:
     manifest = env.write("manifest.jsonl", "".join(r + "\n" for r in rows))
     return fit_on(env, {"class_path": "anymodal.data.jsonl.JsonlSource",
-                        "init_args": {"path": manifest, "image_size": 32, "strict": True}})
+                        "init_args": {"path": manifest, "image_size": 24, "strict": True}})
 
 
 def shard(env: Env, members: dict[str, bytes]) -> list[str]:
@@ -206,7 +206,7 @@ def shard(env: Env, members: dict[str, bytes]) -> list[str]:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return fit_on(env, {"class_path": "anymodal.data.webdataset.WebDatasetSource",
-                        "init_args": {"urls": str(path), "image_size": 32, "strict": True, "tasks": None}})
+                        "init_args": {"urls": str(path), "image_size": 24, "strict": True, "tasks": None}})
 
 
 def edited_bundle(env: Env, edit: Callable[[Path], None]) -> str:

@@ -29,10 +29,10 @@ def test_model_recipes_name_the_image_size_once():
 def test_a_source_of_another_image_size_stops_fit_in_one_sentence(fit_args, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["anymodal"])
     with pytest.raises(SystemExit) as exit_:
-        main(fit_args("--model.init_args.image_size", "64"))  # the recipe's sources still yield 32 px
+        main(fit_args("--model.init_args.image_size", "64"))  # the recipe's sources still yield 24 px
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("anymodal fit: error: ShapesWorld yields 32 px images but the model is built for "
+    assert err[-1] == ("anymodal fit: error: ShapesWorld yields 24 px images but the model is built for "
                        "image_size=64; state the size once in the recipe (a YAML anchor, as recipes/models/*.yaml "
                        "do) so data and model agree")
 

@@ -93,3 +93,12 @@ def test_the_parser_rejects_an_unknown_key(capsys):
     with pytest.raises(SystemExit):
         parse(MODELS[0], CPU, extra=("--model.init_args.lrr", "0.1"))
     assert "lrr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", [p for p in MODELS if "shapes" in p.name], ids=lambda p: p.name)
+def test_a_shapes_model_recipe_draws_images_of_its_tokenizer_recipes_size(recipe):
+    from anymodal.commands.demo import recipe_image_size
+
+    init = yaml.safe_load(recipe.read_text())["model"]["init_args"]
+    tokenizer = RECIPES / "tokenizers" / f"{init['image_tokenizer'].split('/')[-1].removeprefix('shapes-')}-shapes.yaml"
+    assert init["image_size"] == recipe_image_size(tokenizer) == 24  # one patch / 2x2 codes per cell of the world

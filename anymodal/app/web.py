@@ -45,7 +45,7 @@ CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
 #t2i-images .gallery-item { max-width: 320px; }
 """
-"""The bundles' images are small (32 px): enlarge them without blurring; a lone gallery image would
+"""The bundles' images are small (24 px in the shapes recipes): enlarge them without blurring; a lone gallery image would
 otherwise fill the column's width and overflow its height."""
 
 

@@ -117,6 +117,13 @@ def _override(flag: str, value) -> list[str]:
     return [] if value is None else [f"--{flag}", str(value)]
 
 
+def recipe_image_size(recipe: Path) -> int:
+    """The image size a tokenizer recipe trains at (its data source's `size`)."""
+    import yaml
+
+    return int(yaml.safe_load(recipe.read_text())["data"]["init_args"]["source"]["init_args"]["size"])
+
+
 def train_tokenizer(name: str, recipe: Path, out: Path, steps: int | None, precision: str | None,
                     eval_images: int, status: str | None = None, deadline: float | None = None) -> dict:
     """Train the image tokenizer `name` into OUT/tokenizers/NAME (by `deadline`, when given) and write its
@@ -133,7 +140,8 @@ def train_tokenizer(name: str, recipe: Path, out: Path, steps: int | None, preci
                    deadline=deadline)
     if status:
         write_progress(status, f"score {name}")
-    metrics = evaluate_image_tokenizer(load_image_tokenizer(tok_dir), ShapesWorld(size=32, seed=4242), n=eval_images)
+    world = ShapesWorld(size=recipe_image_size(recipe), seed=4242)  # the images the recipe trains on
+    metrics = evaluate_image_tokenizer(load_image_tokenizer(tok_dir), world, n=eval_images)
     (run_dir / "tokenizer-metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return {"steps": trained}
 
