@@ -2,8 +2,8 @@
 
 Both models learn text -> image on the same documents (`ShapesWorld(size=32, seed=0, tasks={"t2i": 1.0})`,
 purple triangles and cyan circles held out), at the same width and depth (dim 256, 6 layers, 4 heads of 64,
-a gated MLP of 682 hidden units, full multi-head attention), through the same frozen VAE (the demo's
-recipe, trained into `checkpoints/bench/shapes-vae` by the first run: 4x8x8 latents per 32x32 image) in 2x2
+a gated MLP of 682 hidden units, full multi-head attention), through the same frozen VAE (the demo's VAE
+recipe at 32 px, trained into `checkpoints/bench/shapes-vae` by the first run: 4x8x8 latents per 32x32 image) in 2x2
 latent patches (16 image tokens of 16 values), with the same text ids
 (`tokenizers/shapes-text`), optimizer (AdamW, betas 0.9/0.95, weight decay 0.1 on matrices, gradient clipping
 at 1), learning-rate schedule (linear warm-up, then cosine over the time budget to 0.1x) and EMA of the weights
@@ -435,7 +435,10 @@ def main() -> None:
 
         subprocess.run([sys.executable, "-m", "anymodal.commands.cli", "fit", "--config",
                         str(ROOT / "recipes/tokenizers/vae-shapes.yaml"), "--model.init_args.export_dir", str(VAE),
-                        "--trainer.default_root_dir", str(VAE.parent / "vae-run")], check=True)
+                        "--trainer.default_root_dir", str(VAE.parent / "vae-run"),
+                        # the recipe draws 24 px; this benchmark compares the two models at 32 px
+                        "--data.init_args.source.init_args.size", "32",
+                        "--data.init_args.val_source.init_args.size", "32"], check=True)
     try:
         version = peer_version()
     except ImportError:
