@@ -100,5 +100,6 @@ def test_a_shapes_model_recipe_draws_images_of_its_tokenizer_recipes_size(recipe
     from anymodal.commands.demo import recipe_image_size
 
     init = yaml.safe_load(recipe.read_text())["model"]["init_args"]
-    tokenizer = RECIPES / "tokenizers" / f"{init['image_tokenizer'].split('/')[-1].removeprefix('shapes-')}-shapes.yaml"
+    exports = {yaml.safe_load(p.read_text())["model"]["init_args"]["export_dir"]: p for p in TOKENIZERS}
+    tokenizer = exports[init["image_tokenizer"]]  # the tokenizer recipe that writes the folder this recipe reads
     assert init["image_size"] == recipe_image_size(tokenizer) == 24  # one patch / 2x2 codes per cell of the world
