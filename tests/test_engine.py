@@ -21,7 +21,7 @@ from anymodal.generate.engine import (
     keep_near_source,
     sample_logits,
 )
-from anymodal.generate.tasks import Pipeline
+from anymodal.generate.tasks import Pipeline, clean_text
 
 # Discrete bundles use 12-pixel images (3x3 = 9 codes) so that the uncached reference stays fast.
 IMAGE_SIZE = {"continuous": 32, "discrete": 12}
@@ -183,6 +183,45 @@ def test_clean_and_prediction_invert_each_other_and_read_training_noise_back(nam
         x_t, target = noised.x_t[i], noised.target[i]
         torch.testing.assert_close(objective.clean(x_t, target, t), x0[i], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(objective.prediction_for(x_t, x0[i], t), target, atol=1e-3, rtol=1e-3)
+    noise = torch.randn(x0.shape, generator=gen)
+    for level in (0.05, 0.5, 0.95):  # a given level and noise: the same relations, the noise itself behind x_t
+        at = objective.noise_at(x0, noise, level)
+        t = at.timesteps[0]
+        assert torch.equal(at.timesteps, t.expand(3)) and abs(float(t) / objective.num_train_timesteps - level) < 2e-3
+        torch.testing.assert_close(objective.clean(at.x_t, at.target, t), x0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(objective.prediction_for(at.x_t, x0, t), at.target, atol=1e-3, rtol=1e-3)
+        assert not torch.allclose(at.x_t, objective.noise_at(x0, -noise, level).x_t)
+
+
+@pytest.mark.parametrize("path", ["continuous", "discrete"])
+def test_image_scores_cached_equal_uncached_and_read_the_prompt(make_system, tmp_path, path):
+    bundle = _bundle(make_system, tmp_path, path)
+    pipe = Pipeline(bundle)
+    image = _source_image(pipe, 0)
+    x = image.codes if path == "discrete" else image.latents
+    prompts = [pipe.prompt([Text(t)], "t2i") for t in ("a red circle", "two blue squares at the top", "a")]
+    scores = []
+    for use_cache in (True, False):
+        engine = _engine(bundle, use_cache)
+        engine.start(prompts)
+        scores.append(engine.image_scores(torch.stack([x] * 3), _gens(7, 7, 7)))
+    assert scores[0].shape == (3,) and (scores[0] > 0).all()
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    assert len(set(scores[0].tolist())) == 3  # the same image and noise: only the prompt differs
+    if path == "discrete":  # the codes' mean negative log-likelihood: read back from the logits one by one
+        engine = _engine(bundle, False)
+        engine.start(prompts[:1])
+        engine._feed(torch.tensor([[bundle.text.boi_id]]))
+        nll, off = [], bundle.model.config.code_offset
+        for code in x.flatten().tolist():
+            logits = bundle.model.logits(engine.last_hidden)[0, off:off + bundle.model.config.codebook_size]
+            nll.append(-logits.float().log_softmax(-1)[code])
+            engine._feed(torch.tensor([[code + off]]))
+        torch.testing.assert_close(scores[0][0], torch.stack(nll).mean(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine = _engine(bundle, True)
+        engine.start(prompts)
+        engine.image_scores(torch.stack([x] * 2))
 
 
 def test_keep_near_source_pulls_only_where_the_prediction_lies_near_the_source():
@@ -261,6 +300,34 @@ def test_caption_and_answer_batched_equal_one_at_a_time(continuous):
     answers = pipe.answer(images, questions, sampled, batch_size=2, seeds=[4, 5])
     assert answers == pipe.answer(images, questions, sampled, batch_size=1, seeds=[4, 5])
     assert any(answers)
+
+
+@pytest.mark.parametrize("path", ["continuous", "discrete"])
+def test_a_reranked_caption_explains_its_image_at_least_as_well_as_the_decoded_one(make_system, tmp_path, path):
+    bundle = _bundle(make_system, tmp_path, path)
+    pipe = Pipeline(bundle)
+    size = bundle.image_size
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=gen) for _ in range(4)]
+    plain = TextSampling(max_new_tokens=6, image_guidance=3.0)
+    reranked = TextSampling(max_new_tokens=6, image_guidance=3.0, rerank_words=3)
+    decoded = pipe.caption(images, plain)
+    chosen = pipe.caption(images, reranked, batch_size=4)
+    assert chosen == pipe.caption(images, reranked, batch_size=1)  # batched = one at a time (noise per image)
+    assert pipe.caption(images, TextSampling(max_new_tokens=6, image_guidance=3.0, rerank_words=0)) == decoded
+    assert chosen != decoded  # near-uniform heads: plausible alternatives everywhere, one of them won
+
+    def score(texts):
+        kind = "codes" if path == "discrete" else "latents"
+        engine = _engine(bundle, True)
+        engine.start([pipe.prompt([Text(clean_text(t))], "t2i") for t in texts])
+        x = torch.stack([getattr(pipe.encode_image(im), kind) for im in images])
+        return engine.image_scores(x, _gens(*range(len(texts))))
+
+    assert (score(chosen) <= score(decoded) + 1e-6).all()
+    assert (score(chosen) < score(decoded) - 1e-6).any()
+    with pytest.raises(ValueError, match="rerank_words"):
+        pipe.caption(images, TextSampling(rerank_words=-1))
 
 
 def test_guided_text_reorders_only_the_tokens_the_image_makes_plausible():

@@ -81,6 +81,10 @@ def _text_sampling_args(p: argparse.ArgumentParser, defaults: TextSampling = TEX
     p.add_argument("--image-guidance", type=float, default=defaults.image_guidance,
                    help="guidance of the image over the same prompt without it (1 = none): words the image "
                         "makes likelier gain, among those it makes plausible")
+    if defaults.rerank_words:
+        p.add_argument("--rerank-words", type=int, default=defaults.rerank_words,
+                       help="captions branching from the decoded one at its N least sure words compete by how well "
+                            "each explains the image as a text-to-image prompt (0 = the decoded caption)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
 
@@ -155,7 +159,8 @@ def image_sampling(ns: argparse.Namespace) -> ImageSampling:
 
 def text_sampling(ns: argparse.Namespace) -> TextSampling:
     return TextSampling(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
-                        max_new_tokens=ns.max_new_tokens, stop=tuple(ns.stop), image_guidance=ns.image_guidance)
+                        max_new_tokens=ns.max_new_tokens, stop=tuple(ns.stop), image_guidance=ns.image_guidance,
+                        rerank_words=getattr(ns, "rerank_words", 0))
 
 
 # ---------------------------------------------------------------------------------------------- handlers

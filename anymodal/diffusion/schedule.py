@@ -2,6 +2,7 @@
 
 The network never draws timesteps or adds noise; an objective does, with a few verbs:
   noise(x0)                      -> NoisedLatents(x_t, timesteps, target) for training
+  noise_at(x0, noise, level)     -> the same at a given noise level in (0, 1) with given noise (scoring an image)
   make_sampler(steps, sampler)   -> a diffusers scheduler with `set_timesteps` done (any of `SAMPLERS`)
   step(sampler, pred, t, x_t)    -> the next, less noisy latents
   clean(x_t, pred, t) / prediction_for(x_t, x0, t) -> the clean latents a prediction implies, and back
@@ -65,6 +66,13 @@ class FlowMatching:
         else:
             sigma = torch.rand(n, generator=generator, device="cpu").to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        return self._noised(x0, noise, sigma)
+
+    def noise_at(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> NoisedLatents:
+        """x0 (N, C, h, w) noised with `noise` at sigma = `level` in (0, 1)."""
+        return self._noised(x0, noise, torch.full((x0.shape[0],), float(level), device=x0.device))
+
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> NoisedLatents:
         s = sigma.view(-1, 1, 1, 1).to(x0.dtype)
         x_t = (1 - s) * x0 + s * noise  # the same formula as FlowMatchEulerDiscreteScheduler.scale_noise
         return NoisedLatents(x_t, sigma * self.num_train_timesteps, noise - x0)
@@ -115,6 +123,12 @@ class DDPM:
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         return NoisedLatents(x_t, t.float(), noise)
+
+    def noise_at(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> NoisedLatents:
+        """x0 (N, C, h, w) noised with `noise` at timestep `level` (in (0, 1)) of the training schedule."""
+        step = min(int(level * self.num_train_timesteps), self.num_train_timesteps - 1)
+        t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
+        return NoisedLatents(self.train_scheduler.add_noise(x0, noise, t), t.float(), noise)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "num_train_timesteps": self.num_train_timesteps,

@@ -29,6 +29,7 @@ from anymodal.data.packing import collate_rows
 from anymodal.data.sequence import EncodedDocument
 from anymodal.generate.settings import (
     KEEP_RADIUS,
+    SCORE_LEVELS,
     TEXT_GUIDANCE_FLOOR,
     ImageSampling,
     StepCallback,
@@ -241,12 +242,14 @@ class Engine:
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def generate_text(self, sampling: TextSampling, generators: list[torch.Generator] | None = None,
-                      stop_at_boi: bool = False, guide_from: int | None = None) -> list[list[int]]:
+                      stop_at_boi: bool = False, guide_from: int | None = None,
+                      trace: list[torch.Tensor] | None = None) -> list[list[int]]:
         """Generated ids of each of the B conditional rows (terminator included: `<eos>`, or `<boi>`).
 
         With `guide_from`, the engine holds two branches (the prompts, then the same prompts without their
         images) and every token from that one on is picked by `guide_text` with `sampling.image_guidance`;
-        without, tokens come from the first branch alone."""
+        without, tokens come from the first branch alone. `trace` receives, per step, the (B, V) log-probabilities of
+        the next token given the prompts (before guidance)."""
         B = self.B
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -260,6 +263,8 @@ class Engine:
             logits[:, self.text.pad_id] = float("-inf")
             if not stop_at_boi:
                 logits[:, self.text.boi_id] = float("-inf")
+            if trace is not None:
+                trace.append(logits[:B].log_softmax(-1))
             if guided:
                 logits = guide_text(logits.log_softmax(-1).view(2, B, -1), sampling.image_guidance)
             tok = sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
@@ -276,6 +281,50 @@ class Engine:
                 break
             self._feed(self._branch_tokens(tok))
         return out
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def image_scores(self, images: torch.Tensor, generators: list[torch.Generator] | None = None,
+                     levels: int = SCORE_LEVELS) -> torch.Tensor:
+        """(B,) how badly each started prompt explains its image (lower: better), read as `<boi>` and the image
+        after the prompt, the way training reads a text-to-image document. Leaves the engine spent.
+
+        images: codes (B, h, w) or latents (B, C, h, w). Discrete: the codes' mean negative log-likelihood (one
+        forward). Continuous: the mean denoising loss at `levels` noise levels spread evenly over (0, 1), each
+        row's noise drawn from its generator, so rows seeded alike (candidates of one image) meet the same noise.
+        """
+        if self.branches != 1:
+            raise ValueError(f"scoring reads one branch, got {self.branches}")
+        R, config = self.ids.shape[0], self.config
+        if images.shape[0] != R:
+            raise ValueError(f"{images.shape[0]} images for {R} prompts; give one per prompt")
+        self._feed(torch.full((R, 1), self.text.boi_id, dtype=torch.long))
+        if config.image_path == "discrete":
+            codes = images.reshape(R, -1).to(self.device)  # (R, N)
+            first = self.last_hidden[:, None]  # <boi> predicts the first code
+            self._append(codes + config.code_offset)
+            hidden = torch.cat([first, self._run(codes.shape[1], write=True)[:, :-1]], 1)  # (R, N, D)
+            K = config.codebook_size
+            logp = self.model.logits(hidden).float()[..., config.code_offset:config.code_offset + K].log_softmax(-1)
+            return -logp.gather(-1, codes[..., None])[..., 0].mean(1)
+        if self.objective is None:
+            raise ValueError("the continuous path needs the bundle's diffusion objective")
+        L = config.slots
+        x0 = images.to(self.device).float()
+        start = self._append(torch.full((R, L), self.text.pad_id, dtype=torch.long), image=self.next_image)
+        self.next_image += 1
+        rows = torch.arange(R, device=self.device)
+        slots = slot_indices(rows, torch.zeros_like(rows), L, L)
+        mask = self._mask()
+        total = torch.zeros(R, device=self.device)
+        for k in range(levels):
+            noise = (torch.randn(x0.shape) if generators is None else
+                     torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])).to(self.device)
+            noised = self.objective.noise_at(x0, noise, (k + 0.5) / levels)
+            extra = [_Continuous(r, start, noised.x_t[r], float(noised.timesteps[r])) for r in range(R)]
+            pred = self.model.image_prediction(self._run(L, write=False, extra=extra, mask=mask), slots).float()
+            total += ((pred - noised.target) ** 2).mean(dim=(1, 2, 3))
+        return total / levels
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()

@@ -11,6 +11,7 @@ Images go in as (3, H, W) float tensors in [0, 1] and come out as (H, W, 3) uint
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,9 @@ from anymodal.data.sequence import EncodedDocument, SequenceEncoder
 from anymodal.generate.engine import Engine
 from anymodal.generate.settings import (
     CAPTION_TEXT,
+    RERANK_ALTERNATIVES,
     STORY_TEXT,
+    TEXT_GUIDANCE_FLOOR,
     ImageSampling,
     StepCallback,
     TextSampling,
@@ -158,6 +161,12 @@ class Pipeline:
                 guide_from: int = 0) -> list[str]:
         """The text that follows each prompt of `segments`; with `sampling.image_guidance` != 1, guided from its
         `guide_from`-th token on by the same prompts without their images (Engine.generate_text)."""
+        return [self.bundle.text.decode(i).strip()
+                for i in self._answer_ids(segments, task, sampling, seeds, guide_from)]
+
+    def _answer_ids(self, segments: list[list[Text | Image]], task: str, sampling: TextSampling, seeds,
+                    guide_from: int = 0, trace: list[torch.Tensor] | None = None) -> list[list[int]]:
+        """`_answer` as token ids; `trace` receives each step's log-probabilities (Engine.generate_text)."""
         prompts = [self.prompt(s, task) for s in segments]
         guided = sampling.image_guidance != 1.0
         if guided:
@@ -165,17 +174,68 @@ class Pipeline:
         eng = self.engine()
         eng.start(prompts, branches=2 if guided else 1)
         gens = self.generators(seeds) if sampling.temperature > 0 else None
-        ids = eng.generate_text(sampling, gens, guide_from=guide_from if guided else None)
-        return [self.bundle.text.decode(i).strip() for i in ids]
+        return eng.generate_text(sampling, gens, guide_from=guide_from if guided else None, trace=trace)
 
     def caption(self, images: Sequence[torch.Tensor], sampling: TextSampling | None = None, batch_size: int = 32,
                 seeds: Sequence[int] | None = None, progress: Progress = None) -> list[str]:
         """A caption per image (`CAPTION_TEXT` unless `sampling` says otherwise)."""
         sampling = sampling or dataclasses.replace(CAPTION_TEXT)
+        if sampling.rerank_words < 0:
+            raise ValueError(f"rerank_words={sampling.rerank_words} must be 0 or more")
         seeds = list(range(len(images))) if seeds is None else list(seeds)
-        return self._batched(len(images), batch_size, lambda lo, hi: self._answer(
-            [[self.encode_image(im)] for im in images[lo:hi]], "caption", sampling, seeds[lo:hi], guide_from=1),
-            progress)
+
+        def run(lo, hi):
+            encoded = [self.encode_image(im) for im in images[lo:hi]]
+            if not sampling.rerank_words:
+                return self._answer([[im] for im in encoded], "caption", sampling, seeds[lo:hi], guide_from=1)
+            trace: list[torch.Tensor] = []
+            ids = self._answer_ids([[im] for im in encoded], "caption", sampling, seeds[lo:hi], 1, trace)
+            return self._reranked(encoded, ids, torch.stack(trace, 1), sampling, seeds[lo:hi])
+
+        return self._batched(len(images), batch_size, run, progress)
+
+    def _reranked(self, images: list[Image], ids: list[list[int]], scores: torch.Tensor, sampling: TextSampling,
+                  seeds: list[int]) -> list[str]:
+        """Each image's caption `ids` against the captions that branch from it at its `sampling.rerank_words`
+        least sure tokens (`scores` (B, steps, V): the log-probabilities each token was picked from); the one that explains the image best
+        as a text-to-image prompt wins (ties: the decoded caption)."""
+        text = self.bundle.text
+        options: list[list[list[int]]] = []
+        prefixes: list[tuple[int, list[int]]] = []  # (image, ids) to decode on from
+        for b, seq in enumerate(ids):
+            mine = [list(seq)]
+            steps = scores[b, :len(seq)].float()  # (n, V)
+            chosen = steps.gather(1, torch.tensor(seq)[:, None])[:, 0]
+            others = steps.scatter(1, torch.tensor(seq)[:, None], float("-inf")).topk(RERANK_ALTERNATIVES, -1)
+            lead = chosen - others.values[:, 0]
+            lead[:1] = float("inf")  # the first token says a caption follows, which the image cannot weigh (guide_from)
+            for p in lead.argsort()[:sampling.rerank_words].tolist():
+                for alt, v in zip(others.indices[p].tolist(), others.values[p].tolist()):
+                    if v < chosen[p] + math.log(TEXT_GUIDANCE_FLOOR):  # implausible: never a candidate
+                        continue
+                    if alt in (text.eos_id, text.boi_id):  # the caption ends there
+                        mine.append(seq[:p] + [alt])
+                    else:
+                        prefixes.append((b, seq[:p] + [alt]))
+            options.append(mine)
+        if prefixes:  # decoded on, greedily and guided as the caption was, from each changed token
+            on = self._answer_ids([[images[b], Text(text.decode(p), ids=p)] for b, p in prefixes], "caption",
+                                  dataclasses.replace(sampling, temperature=0.0), [seeds[b] for b, _ in prefixes],
+                                  guide_from=0)
+            for (b, p), rest in zip(prefixes, on):
+                options[b].append((p + rest)[:sampling.max_new_tokens])
+        choices = [list(dict.fromkeys(c for c in (text.decode(o).strip() for o in mine) if clean_text(c)))
+                   for mine in options]
+        pairs = [(b, c) for b, mine in enumerate(choices) for c in mine]
+        eng = self.engine()
+        eng.start([self.prompt([Text(clean_text(c))], "t2i") for _, c in pairs])
+        kind = "codes" if self.bundle.config.image_path == "discrete" else "latents"
+        score = eng.image_scores(torch.stack([getattr(images[b], kind) for b, _ in pairs]),
+                                 self.generators([seeds[b] for b, _ in pairs])).tolist()
+        best: dict[int, tuple[float, int]] = {}
+        for k, ((b, _), s) in enumerate(zip(pairs, score)):
+            best[b] = min(best.get(b, (s, k)), (s, k))
+        return [pairs[best[b][1]][1] if b in best else text.decode(seq).strip() for b, seq in enumerate(ids)]
 
     def answer(self, images: Sequence[torch.Tensor], questions: Sequence[str], sampling: TextSampling | None = None,
                batch_size: int = 32, seeds: Sequence[int] | None = None, progress: Progress = None) -> list[str]:
