@@ -330,6 +330,9 @@ CASES = [
     Case("text", "NUL in an edit instruction",
          lambda e: ["generate", "edit", "--checkpoint", e.bundle, "--image", e.write("src.png", encoded(noise(32, 32))),
                     "--instruction", "make it\x00 blue", "--out", str(e.out)], "control character U+0000"),
+    Case("text", "negative --rerank-words",
+         lambda e: [*caption(e, e.write("r.png", encoded(noise(32, 32)))), "--rerank-words", "-1"],
+         "rerank_words=-1 must be 0 or more"),
     Case("text", "empty question",
          lambda e: ["generate", "vqa", "--checkpoint", e.bundle, "--image", e.write("q.png", encoded(noise(32, 32))),
                     "--question", ""], "the question is empty"),
@@ -610,9 +613,7 @@ def _run_args(tokenizer_dirs, root: Path, steps: int) -> list[str]:
             "--trainer.num_sanity_val_steps=0", "--trainer.enable_model_summary=false"]
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tokenizer_dirs, tmp_path, monkeypatch):
-    from anymodal.train import run_lightning
-
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tokenizer_dirs, tmp_path):
     (tmp_path / "pace.py").write_text(PACE)
     (tmp_path / "pace.yaml").write_text(json.dumps({"trainer": {"callbacks": [
         {"class_path": "pace.Pace", "init_args": {"folder": str(tmp_path)}}]}}))
@@ -631,19 +632,44 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tokenizer_dir
     assert f"SIGTERM received; stopped after step 2 and saved {saved}" in err.splitlines()[-1]
     assert torch.load(saved, weights_only=True)["global_step"] == 2 and not (tmp_path / "step3").exists()
 
-    monkeypatch.setattr(sys, "argv", ["anymodal"])
-    straight = run_lightning(_run_args(tokenizer_dirs, tmp_path / "straight", 4) + ["--trainer.callbacks=[]"])
-    resumed = run_lightning(_run_args(tokenizer_dirs, tmp_path / "resumed", 4) + ["--trainer.callbacks=[]",
-                                                                                  "--ckpt_path", str(saved)])
-    assert isinstance(straight.trainer.strategy.checkpoint_io, SafeCheckpointIO)
-    assert any(isinstance(c, StopOnSignal) for c in straight.trainer.callbacks)
-    assert resumed.trainer.global_step == straight.trainer.global_step == 4
-    assert straight.model.ema is not None  # the recipe keeps an EMA: it resumes exactly too
-    for a, b in ((straight.model, resumed.model), (straight.model.sampling_model(), resumed.model.sampling_model())):
-        a, b = a.state_dict(), b.state_dict()
+    # the straight and the resumed runs in fresh processes too, as the interrupted one: what ran earlier in this
+    # process (compiled graphs, allocator state) cannot move their float sums
+    straight = _fit_in_child(_run_args(tokenizer_dirs, tmp_path / "straight", 4) + ["--trainer.callbacks=[]"],
+                             tmp_path / "straight.pt")
+    resumed = _fit_in_child(_run_args(tokenizer_dirs, tmp_path / "resumed", 4) + ["--trainer.callbacks=[]",
+                                                                                 "--ckpt_path", str(saved)],
+                            tmp_path / "resumed.pt")
+    assert straight["safe_io"] and straight["stop_on_signal"]
+    assert resumed["step"] == straight["step"] == 4
+    assert straight["ema"]  # the recipe keeps an EMA: it resumes exactly too
+    for key in ("model", "sampling"):
+        a, b = straight[key], resumed[key]
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+FIT_CHILD = """
+import sys, torch
+from anymodal.train import run_lightning
+from anymodal.systems.faults import SafeCheckpointIO, StopOnSignal
+args, out = {args!r}, {out!r}
+sys.argv = ["anymodal"]
+cli = run_lightning(args)
+torch.save({{"model": cli.model.state_dict(), "sampling": cli.model.sampling_model().state_dict(),
+             "step": cli.trainer.global_step, "ema": cli.model.ema is not None,
+             "safe_io": isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO),
+             "stop_on_signal": any(isinstance(c, StopOnSignal) for c in cli.trainer.callbacks)}}, out)
+"""
+
+
+def _fit_in_child(args: list[str], out: Path) -> dict:
+    """`anymodal fit` with `args` in a fresh process (this one's threads); what it trained, read back."""
+    child = subprocess.run([sys.executable, "-c", FIT_CHILD.format(args=args, out=str(out))],
+                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    return torch.load(out, weights_only=True)
 
 
 class Interrupt(Callback):
