@@ -237,3 +237,25 @@ def test_the_report_shows_the_reading_of_wrong_samples_only():
     right = {"prompt": "a red circle at the top left", "image": image, "exact": True, "read": None}
     assert "checker read: no object" in task_samples("t2i", [wrong])
     assert "checker read" not in task_samples("t2i", [right])
+
+
+def test_the_overview_prints_every_prompt_whole_under_small_images(tmp_path):
+    from PIL import Image as PILImage
+
+    from anymodal.benchmark import BenchResult
+    from anymodal.data.shapes import Obj, Scene, caption, render
+    from anymodal.evaluate.report import _wrap, write_overview
+
+    scene = Scene([Obj("yellow", "triangle", 8), Obj("purple", "square", 0), Obj("cyan", "circle", 6)])
+    long, short = caption(scene), "a red circle at the center"
+    image = render(scene, 24, np.random.default_rng(0))
+    samples = {"t2i": [{"image": image, "prompt": long, "exact": True}, {"image": image, "prompt": short,
+                                                                          "exact": False}]}
+    path = write_overview(tmp_path / "overview.png", {"transfusion": BenchResult({}, {}, samples)})
+    canvas = np.asarray(PILImage.open(path).convert("L"))
+    lines = len(_wrap(long, 24 * 4 // 6))
+    assert lines >= 6  # more lines than a fixed five would have held
+    text_top = 8 + 20 + 24 * 4 + 4
+    last = canvas[text_top + 11 * (lines - 1): text_top + 11 * lines, 8: 8 + 24 * 4]
+    assert (last < 200).any()  # the prompt's last line is drawn
+    assert (canvas[text_top + 11 * lines + 2:, :] > 250).all()  # and nothing is cut below it

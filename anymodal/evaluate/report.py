@@ -157,8 +157,9 @@ def write_overview(path: str | Path, results: dict[str, Any], per_row: int = 5, 
                   s["instruction"], s["exact"]) for s in r.samples.get("edit", [])][:per_row // 2 + 1]
         if edits:
             rows.append((f"{name}: edit (source | result)", edits))
-    tile = 32 * scale
-    lines = 5
+    tile = max((image.shape[0] * scale for _, items in rows for image, _, _ in items), default=32 * scale)
+    lines = max((len(_wrap(text, image.shape[1] * scale // 6)) for _, items in rows for image, text, _ in items),
+                default=1)  # every prompt whole, however narrow its image
     row_h = 16 + 4 + tile + 4 + lines * 11 + 8
     width = max(sum(image.shape[1] * scale + 12 for image, _, _ in items) for _, items in rows) + 8 if rows else 64
     canvas = PILImage.new("RGB", (width, len(rows) * row_h + 8), "white")
@@ -173,7 +174,7 @@ def write_overview(path: str | Path, results: dict[str, Any], per_row: int = 5, 
             draw.rectangle((x - 2, top - 2, x + p.width + 1, top + p.height + 1), outline=(170, 170, 170))
             draw.rectangle((x - 2, top - 6, x + p.width + 1, top - 3), fill=(40, 160, 60) if exact else (210, 50, 50))
             canvas.paste(p, (x, top))
-            for i, line in enumerate(_wrap(text, p.width // 6)[:lines]):  # the default font is 6 px wide
+            for i, line in enumerate(_wrap(text, p.width // 6)):  # the default font is 6 px wide
                 draw.text((x, top + p.height + 4 + 11 * i), line, fill=(60, 60, 60))
             x += p.width + 12
         y += row_h
