@@ -190,21 +190,21 @@ class Pipeline:
                 return self._answer([[im] for im in encoded], "caption", sampling, seeds[lo:hi], guide_from=1)
             trace: list[torch.Tensor] = []
             ids = self._answer_ids([[im] for im in encoded], "caption", sampling, seeds[lo:hi], 1, trace)
-            return self._reranked(encoded, ids, torch.stack(trace, 1), sampling, seeds[lo:hi])
+            return self._reranked(encoded, ids, torch.stack(trace, 1).float().cpu(), sampling, seeds[lo:hi])
 
         return self._batched(len(images), batch_size, run, progress)
 
     def _reranked(self, images: list[Image], ids: list[list[int]], scores: torch.Tensor, sampling: TextSampling,
                   seeds: list[int]) -> list[str]:
         """Each image's caption `ids` against the captions that branch from it at its `sampling.rerank_words`
-        least sure tokens (`scores` (B, steps, V): the log-probabilities each token was picked from); the one that explains the image best
-        as a text-to-image prompt wins (ties: the decoded caption)."""
+        least sure tokens (`scores` (B, steps, V): the log-probabilities each token was picked from); the one
+        that explains the image best as a text-to-image prompt wins (ties: the decoded caption)."""
         text = self.bundle.text
         options: list[list[list[int]]] = []
         prefixes: list[tuple[int, list[int]]] = []  # (image, ids) to decode on from
         for b, seq in enumerate(ids):
             mine = [list(seq)]
-            steps = scores[b, :len(seq)].float()  # (n, V)
+            steps = scores[b, :len(seq)]  # (n, V)
             chosen = steps.gather(1, torch.tensor(seq)[:, None])[:, 0]
             others = steps.scatter(1, torch.tensor(seq)[:, None], float("-inf")).topk(RERANK_ALTERNATIVES, -1)
             lead = chosen - others.values[:, 0]
@@ -227,6 +227,8 @@ class Pipeline:
         choices = [list(dict.fromkeys(c for c in (text.decode(o).strip() for o in mine) if clean_text(c)))
                    for mine in options]
         pairs = [(b, c) for b, mine in enumerate(choices) for c in mine]
+        if not pairs:  # nothing but empty captions: nothing to weigh
+            return [text.decode(seq).strip() for seq in ids]
         eng = self.engine()
         eng.start([self.prompt([Text(clean_text(c))], "t2i") for _, c in pairs])
         kind = "codes" if self.bundle.config.image_path == "discrete" else "latents"
