@@ -2,6 +2,7 @@
 
 import json
 import shlex
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image as PILImage
 
 from anymodal.checkpoint import Bundle, load_bundle, save_bundle
 from anymodal.commands.cli import build_parser, main
-from anymodal.commands.generate import image_sampling
+from anymodal.commands.generate import image_sampling, text_sampling
 from anymodal.generate import requests
 from anymodal.generate.settings import IMAGE_GUIDANCE, KEEP_SOURCE, ImageSampling, TextSampling
 from anymodal.generate.tasks import Pipeline
@@ -111,6 +112,20 @@ def test_the_command_line_of_a_record_parses_back_to_its_settings(continuous):
     ns = build_parser().parse_args(shlex.split(line)[1:])
     assert image_sampling(ns) == sampling
     assert ns.seed == 3 and ns.prompt == ["a red circle."] and ns.checkpoint == "bundles/x"
+
+
+def test_the_command_line_of_a_caption_or_answer_gives_back_its_text_sampling(continuous, tmp_path):
+    pipe = Pipeline(continuous)
+    image = _png(tmp_path / "red.png", SIZE["continuous"])
+    sampling = TextSampling(temperature=0.5, top_k=7, top_p=0.9, max_new_tokens=5, image_guidance=1.5,
+                            rerank_words=2)
+    out = requests.caption(pipe, requests.Caption([image], seed=4, sampling=sampling))[0]
+    ns = build_parser().parse_args(shlex.split(requests.command_line("caption", "bundles/x", out.record))[1:])
+    assert text_sampling(ns) == sampling and ns.seed == 4 and ns.image == [image]
+    asked = requests.answer(pipe, requests.Question([image], ["what?"], sampling=replace(sampling, rerank_words=0)))
+    line = requests.command_line("vqa", "bundles/x", {**asked[0].record, "question": "what?"})
+    assert "--rerank-words" not in line  # answers are not reranked
+    assert text_sampling(build_parser().parse_args(shlex.split(line)[1:])) == replace(sampling, rerank_words=0)
 
 
 def test_discrete_edits_record_keep_source_and_refuse_a_negative_one(make_system, tmp_path):

@@ -314,12 +314,16 @@ def command_line(task: str, checkpoint: str, record: dict[str, Any], out: str = 
              "seed": "--seed", "steps": "--steps", "guidance": "--guidance", "image_guidance": "--image-guidance",
              "keep_source": "--keep-source",
              "temperature": "--temperature", "top_k": "--top-k", "parallel_steps": "--parallel-steps",
-             "sampler": "--sampler",
+             "sampler": "--sampler", "top_p": "--top-p", "max_new_tokens": "--max-new-tokens",
+             "rerank_words": "--rerank-words",
              "max_images": "--max-images"}
+    text = task in ("caption", "vqa")
     for key, flag in flags.items():
         value = record.get(key)
-        if value is None or (key in ("image_guidance", "keep_source") and task != "edit") or (
-                task in ("caption", "vqa") and key in ("steps", "guidance", "sampler")):
+        if value is None or (key == "keep_source" and task != "edit") or (
+                key == "image_guidance" and task not in ("edit", "caption", "vqa")) or (
+                key == "rerank_words" and task != "caption") or (
+                text and key in ("steps", "guidance", "sampler")):
             continue
         args += [flag, str(value)]
     interval = record.get("guidance_interval")
