@@ -263,10 +263,12 @@ class Engine:
             logits[:, self.text.pad_id] = float("-inf")
             if not stop_at_boi:
                 logits[:, self.text.boi_id] = float("-inf")
-            if trace is not None:
-                trace.append(logits[:B].log_softmax(-1))
-            if guided:
-                logits = guide_text(logits.log_softmax(-1).view(2, B, -1), sampling.image_guidance)
+            if guided or trace is not None:
+                logp = logits.log_softmax(-1)  # (2B or B, V)
+                if trace is not None:
+                    trace.append(logp[:B])
+                if guided:
+                    logits = guide_text(logp.view(2, B, -1), sampling.image_guidance)
             tok = sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
             for b in range(B):
                 if done[b]:

@@ -317,13 +317,12 @@ def command_line(task: str, checkpoint: str, record: dict[str, Any], out: str = 
              "sampler": "--sampler", "top_p": "--top-p", "max_new_tokens": "--max-new-tokens",
              "rerank_words": "--rerank-words",
              "max_images": "--max-images"}
-    text = task in ("caption", "vqa")
+    drawn = ("t2i", "edit", "story")
+    used_by = {"keep_source": ("edit",), "image_guidance": ("edit", "caption", "vqa"), "rerank_words": ("caption",),
+               "steps": drawn, "guidance": drawn, "sampler": drawn}  # a setting not named: every task's
     for key, flag in flags.items():
         value = record.get(key)
-        if value is None or (key == "keep_source" and task != "edit") or (
-                key == "image_guidance" and task not in ("edit", "caption", "vqa")) or (
-                key == "rerank_words" and task != "caption") or (
-                text and key in ("steps", "guidance", "sampler")):
+        if value is None or task not in used_by.get(key, (task,)):
             continue
         args += [flag, str(value)]
     interval = record.get("guidance_interval")

@@ -186,19 +186,22 @@ class Pipeline:
 
         def run(lo, hi):
             encoded = [self.encode_image(im) for im in images[lo:hi]]
+            guide_from = 1  # the first word says a caption follows, which the image cannot weigh
             if not sampling.rerank_words:
-                return self._answer([[im] for im in encoded], "caption", sampling, seeds[lo:hi], guide_from=1)
+                return self._answer([[im] for im in encoded], "caption", sampling, seeds[lo:hi], guide_from)
             trace: list[torch.Tensor] = []
-            ids = self._answer_ids([[im] for im in encoded], "caption", sampling, seeds[lo:hi], 1, trace)
-            return self._reranked(encoded, ids, torch.stack(trace, 1).float().cpu(), sampling, seeds[lo:hi])
+            ids = self._answer_ids([[im] for im in encoded], "caption", sampling, seeds[lo:hi], guide_from, trace)
+            return self._reranked(encoded, ids, torch.stack(trace, 1).float().cpu(), sampling, seeds[lo:hi],
+                                  guide_from)
 
         return self._batched(len(images), batch_size, run, progress)
 
     def _reranked(self, images: list[Image], ids: list[list[int]], scores: torch.Tensor, sampling: TextSampling,
-                  seeds: list[int]) -> list[str]:
+                  seeds: list[int], guide_from: int) -> list[str]:
         """Each image's caption `ids` against the captions that branch from it at its `sampling.rerank_words`
-        least sure tokens (`scores` (B, steps, V): the log-probabilities each token was picked from); the one
-        that explains the image best as a text-to-image prompt wins (ties: the decoded caption)."""
+        least sure tokens from its `guide_from`-th on (`scores` (B, steps, V): the log-probabilities each token
+        was picked from); the one that explains the image best as a text-to-image prompt wins (ties: the decoded
+        caption)."""
         text = self.bundle.text
         options: list[list[list[int]]] = []
         prefixes: list[tuple[int, list[int]]] = []  # (image, ids) to decode on from
@@ -208,7 +211,7 @@ class Pipeline:
             chosen = steps.gather(1, torch.tensor(seq)[:, None])[:, 0]
             others = steps.scatter(1, torch.tensor(seq)[:, None], float("-inf")).topk(RERANK_ALTERNATIVES, -1)
             lead = chosen - others.values[:, 0]
-            lead[:1] = float("inf")  # the first token says a caption follows, which the image cannot weigh (guide_from)
+            lead[:guide_from] = float("inf")  # tokens the image is not asked to weigh stay
             for p in lead.argsort()[:sampling.rerank_words].tolist():
                 for alt, v in zip(others.indices[p].tolist(), others.values[p].tolist()):
                     if v < chosen[p] + math.log(TEXT_GUIDANCE_FLOOR):  # implausible: never a candidate
